@@ -1,0 +1,1 @@
+"""Benchmarks: quality (prequential), and the streaming baselines they compare against."""

@@ -1,0 +1,96 @@
+"""The Redis feature store: user histories, seen-sets, popularity and the item catalog.
+
+Keys under `{ns}:f:` —
+  hist:{user}        list of recent item ids, newest last, trimmed to `history_len`
+  seen:{user}        set of every item the user interacted with (excluded from results)
+  pop                sorted set of item interaction counts (cold-start fallback)
+  items              hash item_id -> item JSON ({"item_id", "text", ...})
+  items:log          list of item ids in order of (re)definition; readers keep a cursor
+  text:{encoder}     hash item_id -> float32 text features (a shared memo of the encoder)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import redis
+
+from model.events import Interaction, Item
+
+
+class FeatureStore:
+    """Reads and writes of the features that serving uses at once, before any training."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "freshrec",
+                 history_len: int = 50) -> None:
+        self.r = client
+        self.ns = f"{namespace}:f"
+        self.history_len = history_len
+
+    # ------------------------------------------------------------------ writes (features consumer)
+    def apply(self, events: Sequence[Interaction]) -> None:
+        """Append events to histories, seen-sets and popularity, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for e in events:
+            pipe.rpush(f"{self.ns}:hist:{e.user_id}", e.item_id)
+            pipe.ltrim(f"{self.ns}:hist:{e.user_id}", -self.history_len, -1)
+            pipe.sadd(f"{self.ns}:seen:{e.user_id}", e.item_id)
+            pipe.zincrby(f"{self.ns}:pop", 1.0, e.item_id)
+        pipe.execute()
+
+    def upsert_items(self, items: Sequence[Item]) -> None:
+        """Define or redefine catalog items and log them for readers to pick up."""
+        if not items:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for item in items:
+            body = {**item.fields, "item_id": item.item_id, "text": item.text}
+            pipe.hset(f"{self.ns}:items", item.item_id, json.dumps(body))
+            pipe.rpush(f"{self.ns}:items:log", item.item_id)
+        pipe.execute()
+
+    def put_text_features(self, encoder: str, feats: dict[str, np.ndarray]) -> None:
+        if feats:
+            self.r.hset(f"{self.ns}:text:{encoder}",
+                        mapping={k: np.asarray(v, np.float32).tobytes() for k, v in feats.items()})
+
+    # ------------------------------------------------------------------ reads (trainer, service)
+    def user_state(self, user_id: str) -> tuple[list[str], set[str]]:
+        """(recent items oldest first, every item seen) in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lrange(f"{self.ns}:hist:{user_id}", 0, -1)
+        pipe.smembers(f"{self.ns}:seen:{user_id}")
+        hist, seen = pipe.execute()
+        return [h.decode() for h in hist], {s.decode() for s in seen}
+
+    def popular(self, k: int) -> list[tuple[str, float]]:
+        return [(i.decode(), float(s)) for i, s in
+                self.r.zrevrange(f"{self.ns}:pop", 0, k - 1, withscores=True)]
+
+    def items(self, ids: Sequence[str]) -> dict[str, Item]:
+        if not ids:
+            return {}
+        out = {}
+        for item_id, raw in zip(ids, self.r.hmget(f"{self.ns}:items", list(ids)), strict=True):
+            if raw is not None:
+                body = json.loads(raw)
+                text = body.pop("text")
+                body.pop("item_id", None)
+                out[item_id] = Item(item_id, text, body)
+        return out
+
+    def items_since(self, cursor: int, limit: int = 10_000) -> tuple[list[Item], int]:
+        """Items (re)defined after `cursor`; returns them and the new cursor."""
+        ids = [i.decode() for i in self.r.lrange(f"{self.ns}:items:log", cursor,
+                                                 cursor + limit - 1)]
+        found = self.items(list(dict.fromkeys(ids)))
+        return [found[i] for i in dict.fromkeys(ids) if i in found], cursor + len(ids)
+
+    def text_features(self, encoder: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        if not ids:
+            return {}
+        raw = self.r.hmget(f"{self.ns}:text:{encoder}", list(ids))
+        return {i: np.frombuffer(b, dtype=np.float32) for i, b in zip(ids, raw, strict=True)
+                if b is not None}

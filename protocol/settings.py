@@ -1,0 +1,30 @@
+"""Settings common to every process, from FRESHREC_* environment variables, loaded once."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """Where Kafka and Redis are and how things are named. Each process subclasses this."""
+
+    model_config = SettingsConfigDict(env_prefix="FRESHREC_", extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = Field("freshrec", pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # Redis key prefix
+    topic_interactions: str = "freshrec.interactions"
+    topic_items: str = "freshrec.items"
+    topic_dlq: str = "freshrec.dlq"
+    partitions: int = 4  # used when freshrec creates the topics itself
+    hmac_key: SecretStr = SecretStr("")  # signs and verifies published weights; never in Redis
+    metrics_port: int = 0  # 0 = no separate metrics server (the API serves /metrics itself)
+
+    def require_hmac_key(self) -> bytes:
+        """Fail fast with a sentence a person understands when the signing key is missing."""
+        key = self.hmac_key.get_secret_value().encode()
+        if len(key) < 16:
+            raise ValueError("FRESHREC_HMAC_KEY must be set to a secret of at least 16 characters "
+                             "(it signs and verifies published model versions)")
+        return key

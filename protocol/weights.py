@@ -1,0 +1,205 @@
+"""The Redis weight store: immutable, signed, versioned weights with a pointer to the newest.
+
+Keys under `{ns}:w:` —
+  seq                 INCR counter handing out version numbers
+  v:{n}:manifest      JSON manifest (immutable, SET NX)
+  v:{n}:blob:{i}      safetensors bytes, chunk i (immutable, SET NX)
+  versions            sorted set of live versions (for retention and rollback)
+  current             the version servers should serve
+and the pub/sub channel `{ns}:w:published`. The pointer moves together with the notice in one
+MULTI/EXEC; subscribers also poll `current`, because pub/sub loses messages while disconnected.
+
+A manifest carries an HMAC (key from the environment, never stored in Redis) over all its other
+fields, among them the blob's sha256, so neither the blob nor the metadata can be swapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+import torch
+
+from model.serialization import WeightsError, apply_delta, from_bytes
+from protocol.errors import VerificationError
+
+CHUNK_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything about a version except its bytes."""
+
+    version: int
+    parent: int | None  # the version this one was trained from (None for the first)
+    kind: str  # "full" or "delta" (delta: only what changed since `parent`)
+    config: dict[str, Any]  # ModelConfig as a dict
+    encoder: str  # base-encoder identity; adapters only make sense on top of it
+    sha256: str
+    size: int
+    chunks: int
+    created_at: float
+    trained_through: dict[str, Any] = field(default_factory=dict)  # offsets, event/produce times
+    hmac: str = ""
+
+    def signed_payload(self) -> bytes:
+        body = asdict(self)
+        body.pop("hmac")
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def sign(self, key: bytes) -> Manifest:
+        digest = hmac.new(key, self.signed_payload(), hashlib.sha256).hexdigest()
+        return Manifest(**{**asdict(self), "hmac": digest})
+
+    def verify(self, key: bytes) -> None:
+        expected = hmac.new(key, self.signed_payload(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, self.hmac):
+            raise VerificationError("bad_hmac", f"version {self.version}: HMAC does not verify")
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """A verified, fully materialised version (deltas applied)."""
+
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+    item_ids: list[str]
+
+
+class WeightStore:
+    """Publish and fetch versions. Readers verify everything before trusting a byte."""
+
+    def __init__(self, client: redis.Redis, key: bytes, namespace: str = "freshrec",
+                 keep: int = 20) -> None:
+        self.r = client
+        self.key = key
+        self.ns = f"{namespace}:w"
+        self.keep = keep
+        self.channel = f"{self.ns}:published"
+
+    # ------------------------------------------------------------------ writing
+    def publish(self, blob: bytes, *, parent: int | None, kind: str, config: dict[str, Any],
+                encoder: str, trained_through: dict[str, Any]) -> Manifest:
+        """Store a new immutable version, then move the pointer and notify, atomically."""
+        if kind not in ("full", "delta"):
+            raise ValueError("kind must be 'full' or 'delta'")
+        version = int(self.r.incr(f"{self.ns}:seq"))
+        chunks = [blob[i: i + CHUNK_BYTES] for i in range(0, len(blob), CHUNK_BYTES)] or [b""]
+        manifest = Manifest(version, parent, kind, config, encoder,
+                            hashlib.sha256(blob).hexdigest(), len(blob), len(chunks), time.time(),
+                            trained_through).sign(self.key)
+        pipe = self.r.pipeline(transaction=False)
+        for i, chunk in enumerate(chunks):
+            pipe.set(f"{self.ns}:v:{version}:blob:{i}", chunk, nx=True)
+        pipe.set(f"{self.ns}:v:{version}:manifest", json.dumps(asdict(manifest)), nx=True)
+        if not all(pipe.execute()):
+            raise WeightsError(f"version {version} already exists; versions are immutable")
+        self.point_to(version)
+        self.prune()
+        return manifest
+
+    def point_to(self, version: int) -> None:
+        """Make `version` current and tell subscribers, in one MULTI/EXEC."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zadd(f"{self.ns}:versions", {str(version): version})
+        pipe.set(f"{self.ns}:current", version)
+        pipe.publish(self.channel, str(version))
+        pipe.execute()
+
+    def prune(self) -> None:
+        """Keep the newest `keep` versions plus every version their delta chains need."""
+        live = [int(v) for v in self.r.zrange(f"{self.ns}:versions", 0, -1)]
+        if len(live) <= self.keep:
+            return
+        needed: set[int] = set()
+        for v in live[-self.keep:]:
+            needed.update(self._chain_versions(v))
+        for v in live:
+            if v not in needed:
+                m = self._raw_manifest(v)
+                keys = [f"{self.ns}:v:{v}:manifest"]
+                if m is not None:
+                    keys += [f"{self.ns}:v:{v}:blob:{i}" for i in range(int(m.get("chunks", 0)))]
+                self.r.delete(*keys)
+                self.r.zrem(f"{self.ns}:versions", str(v))
+
+    def _chain_versions(self, version: int) -> list[int]:
+        chain, v = [], version
+        while v is not None:
+            chain.append(v)
+            m = self._raw_manifest(v)
+            if m is None or m.get("kind") == "full":
+                break
+            v = m.get("parent")
+        return chain
+
+    # ------------------------------------------------------------------ reading
+    def current(self) -> int | None:
+        raw = self.r.get(f"{self.ns}:current")
+        return int(raw) if raw is not None else None
+
+    def versions(self) -> list[int]:
+        return [int(v) for v in self.r.zrange(f"{self.ns}:versions", 0, -1)]
+
+    def _raw_manifest(self, version: int) -> dict[str, Any] | None:
+        raw = self.r.get(f"{self.ns}:v:{version}:manifest")
+        return json.loads(raw) if raw is not None else None
+
+    def manifest(self, version: int) -> Manifest:
+        """The verified manifest of a version."""
+        raw = self._raw_manifest(version)
+        if raw is None:
+            raise VerificationError("missing", f"version {version} has no manifest")
+        try:
+            m = Manifest(**raw)
+        except TypeError as exc:
+            raise VerificationError("bad_manifest", str(exc)) from exc
+        m.verify(self.key)
+        return m
+
+    def blob(self, manifest: Manifest) -> bytes:
+        """The version's bytes, checked against the signed sha256."""
+        keys = [f"{self.ns}:v:{manifest.version}:blob:{i}" for i in range(manifest.chunks)]
+        parts = self.r.mget(keys) if keys else []
+        if any(p is None for p in parts):
+            raise VerificationError("missing", f"version {manifest.version} lost a blob chunk")
+        blob = b"".join(parts)
+        if len(blob) != manifest.size or hashlib.sha256(blob).hexdigest() != manifest.sha256:
+            raise VerificationError("bad_sha256", f"version {manifest.version}: blob hash mismatch")
+        return blob
+
+    def load(self, version: int, have: LoadedVersion | None = None) -> LoadedVersion:
+        """Materialise `version`, applying deltas from `have` when it is on the chain, else from
+        the chain's full snapshot. Every manifest and blob on the way is verified."""
+        chain: list[Manifest] = []
+        v: int | None = version
+        while v is not None:
+            if have is not None and v == have.manifest.version:
+                break
+            m = self.manifest(v)
+            chain.append(m)
+            if m.kind == "full":
+                break
+            v = m.parent
+        else:
+            raise VerificationError("broken_chain", f"version {version} has no full ancestor")
+        if not chain:
+            assert have is not None
+            return have
+        base = have if chain[-1].kind == "delta" else None
+        tensors, ids = (base.tensors, base.item_ids) if base else ({}, [])
+        try:
+            for m in reversed(chain):
+                part, part_ids = from_bytes(self.blob(m))
+                if m.kind == "full":
+                    tensors, ids = part, part_ids
+                else:
+                    tensors, ids = apply_delta(tensors, ids, part, part_ids)
+        except WeightsError as exc:
+            raise VerificationError("bad_blob", str(exc)) from exc
+        return LoadedVersion(chain[0], tensors, ids)
