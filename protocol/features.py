@@ -94,3 +94,23 @@ class FeatureStore:
         raw = self.r.hmget(f"{self.ns}:text:{encoder}", list(ids))
         return {i: np.frombuffer(b, dtype=np.float32) for i, b in zip(ids, raw, strict=True)
                 if b is not None}
+
+
+def resolve_text_features(store: FeatureStore, encoder, items: Sequence[Item],
+                          write_back: bool = True, progress: bool = False
+                          ) -> dict[str, np.ndarray]:
+    """Text features for `items`: from the shared Redis memo where present, else encoded here
+    (and, with `write_back`, memoised for the other processes). `encoder` is a TextEncoder."""
+    by_id = {i.item_id: i for i in items}
+    feats = store.text_features(encoder.identity, list(by_id))
+    missing = [i for i in by_id if i not in feats or feats[i].shape != (encoder.dim,)]
+    if missing:
+        vecs = encoder.encode([by_id[i].text for i in missing], progress=progress)
+        fresh = dict(zip(missing, vecs, strict=True))
+        feats.update(fresh)
+        if write_back:
+            try:
+                store.put_text_features(encoder.identity, fresh)
+            except redis.exceptions.ResponseError:  # a read-only ACL user: memo is optional
+                pass
+    return feats

@@ -1,0 +1,553 @@
+"""Prequential quality benchmark: predict each event before learning it, over a timed stream.
+
+Protocol (the defaults; see `QualityConfig`):
+
+1. Events in time order (`freshrec.data.event_sort_key`); optionally only the first N.
+2. Warm-up: the first 50%. Each warm-up user's last warm-up event (users with at least two
+   warm-up events) is held out and never trained on. Every method learns the rest of the
+   warm-up, in micro-batches, `warmup_passes` times.
+3. A copy of the model taken now is the *static twin*.
+4. Stream: the other 50% in micro-batches of 256. For each batch, first rank top-10 for every
+   event of the batch with the state from before the batch (the history of an event includes
+   the earlier events of its user in the same batch; items the user interacted with before,
+   warm-up included, are excluded), score the event's item, then `learn(batch)`.
+5. HR@10 / NDCG@10 overall, per window of 5,000 stream events and for the slices `new_users`
+   (user first seen after warm-up), `cold_items` (item first seen after warm-up) and `rest`
+   (neither); an event can be in both of the first two. Throughput counts `learn()` time only.
+6. Forgetting: HR@10 on the held-out warm-up events, static twin vs the model after the stream.
+7. Leave-one-out, on a fresh model: each user's last item is the test, the second-last the
+   validation; train on the rest in time order; rank the full catalog without the user's other
+   items.
+
+Methods come from `METHODS` (name -> factory(catalog, config)); `register` adds more.
+``python -m bench.quality --out DIR`` writes DIR/quality.json and DIR/quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.baselines import ItemKNN, Popularity, RiverMF, StreamingRecommender
+from freshrec.data import Dataset, Interaction, Item, load_movielens, ml100k_dir, synthetic_stream
+
+__all__ = [
+    "METHODS",
+    "Case",
+    "MethodFactory",
+    "QualityConfig",
+    "Scores",
+    "forgetting",
+    "leave_one_out",
+    "main",
+    "ndcg_at",
+    "prequential",
+    "rank_cases",
+    "register",
+    "run_method",
+    "run_quality",
+    "split_warmup",
+    "write_outputs",
+]
+
+
+@dataclass
+class QualityConfig:
+    """Knobs of the protocol; the defaults are the published protocol."""
+
+    events: int | None = None  # use only the first N events (None: all)
+    warmup_frac: float = 0.5  # share of the events used for warm-up
+    batch_size: int = 256  # micro-batch size, warm-up and stream alike
+    warmup_passes: int = 1  # passes over the warm-up events
+    loo_passes: int = 1  # passes over the leave-one-out training events
+    k: int = 10  # cut-off of HR@k and NDCG@k
+    window: int = 5000  # stream events per reported window
+    history_len: int = 50  # most recent items handed to rank_batch per user
+    eval_batch: int = 512  # users per rank_batch call outside the stream
+    seed: int = 0  # passed on to methods that sample
+    loo: bool = True  # run the leave-one-out protocol too
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.warmup_frac < 1.0:
+            raise ValueError(f"warmup_frac must lie strictly between 0 and 1, got {self.warmup_frac}")
+        for name in ("batch_size", "k", "window", "history_len", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_passes < 0 or self.loo_passes < 0:
+            raise ValueError("warmup_passes and loo_passes must be >= 0")
+        if self.events is not None and self.events < 2:
+            raise ValueError(f"events must be at least 2, got {self.events}")
+
+
+MethodFactory = Callable[[Sequence[Item], QualityConfig], StreamingRecommender]
+
+METHODS: dict[str, MethodFactory] = {}
+
+
+def register(name: str, factory: MethodFactory) -> None:
+    """Make a method available to the harness (replaces an earlier one of that name)."""
+    METHODS[name] = factory
+
+
+register("popularity", lambda catalog, cfg: Popularity())
+register("itemknn", lambda catalog, cfg: ItemKNN())
+register("river_mf", lambda catalog, cfg: RiverMF(seed=cfg.seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prediction to score: what the method is given, and the item it should find."""
+
+    user_id: str
+    item_id: str  # the target
+    history: tuple[str, ...]  # the user's recent items before the target, oldest first
+    exclude: frozenset[str]  # items the user interacted with before
+
+
+def ndcg_at(ranked: Sequence[str], target: str, k: int) -> tuple[float, float]:
+    """(hit, NDCG) of `target` in the first `k` of `ranked`: 1/log2(rank + 1) at 1-based rank."""
+    for rank, item_id in enumerate(ranked[:k], start=1):
+        if item_id == target:
+            return 1.0, 1.0 / math.log2(rank + 1)
+    return 0.0, 0.0
+
+
+@dataclass
+class Scores:
+    """Running sums of hits and NDCG."""
+
+    hits: float = 0.0
+    ndcg: float = 0.0
+    n: int = 0
+
+    def add(self, hit: float, gain: float) -> None:
+        """Count one scored case."""
+        self.hits += hit
+        self.ndcg += gain
+        self.n += 1
+
+    def as_dict(self, k: int) -> dict[str, float | int]:
+        """``{"hr@k", "ndcg@k", "n"}``; zeros when nothing was scored."""
+        n = max(self.n, 1)
+        return {f"hr@{k}": self.hits / n, f"ndcg@{k}": self.ndcg / n, "n": self.n}
+
+
+def rank_cases(model: StreamingRecommender, cases: Sequence[Case], k: int) -> list[list[str]]:
+    """One `rank_batch` call for `cases`; passes ``users=`` to methods that want user ids."""
+    histories = [c.history for c in cases]
+    exclude: list[Collection[str]] = [c.exclude for c in cases]
+    if getattr(model, "wants_user_ids", False):
+        return model.rank_batch(histories, k, exclude, users=[c.user_id for c in cases])  # type: ignore[call-arg]
+    return model.rank_batch(histories, k, exclude)
+
+
+def evaluate(model: StreamingRecommender, cases: Sequence[Case], k: int, batch: int = 512) -> Scores:
+    """HR/NDCG of `model` on `cases`, ranked `batch` at a time, without learning."""
+    scores = Scores()
+    for start in range(0, len(cases), batch):
+        chunk = cases[start : start + batch]
+        for case, ranked in zip(chunk, rank_cases(model, chunk, k), strict=True):
+            scores.add(*ndcg_at(ranked, case.item_id, k))
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol pieces
+
+
+def _batches(events: Sequence[Interaction], size: int) -> Iterator[Sequence[Interaction]]:
+    for start in range(0, len(events), size):
+        yield events[start : start + size]
+
+
+class _Histories:
+    """Every user's items so far, in event order."""
+
+    def __init__(self, history_len: int) -> None:
+        self.history_len = history_len
+        self.items: dict[str, list[str]] = defaultdict(list)
+        self.seen: dict[str, set[str]] = defaultdict(set)
+
+    def case(self, event: Interaction) -> Case:
+        items = self.items.get(event.user_id, [])
+        return Case(
+            event.user_id,
+            event.item_id,
+            tuple(items[-self.history_len :]),
+            frozenset(self.seen.get(event.user_id, ())),
+        )
+
+    def add(self, event: Interaction) -> None:
+        self.items[event.user_id].append(event.item_id)
+        self.seen[event.user_id].add(event.item_id)
+
+
+@dataclass
+class WarmupSplit:
+    """The warm-up events, split into what is trained on and what is held out."""
+
+    train: list[Interaction]
+    heldout: list[Case]  # each warm-up user's last warm-up event, with the history before it
+    stream: list[Interaction]
+    all_warmup: list[Interaction]
+
+
+def split_warmup(events: Sequence[Interaction], cfg: QualityConfig) -> WarmupSplit:
+    """Split time-ordered `events` into warm-up (train + held-out) and stream."""
+    n_warm = max(1, min(len(events) - 1, int(len(events) * cfg.warmup_frac)))
+    warm, stream = list(events[:n_warm]), list(events[n_warm:])
+    last: dict[str, int] = {}
+    count: dict[str, int] = defaultdict(int)
+    for pos, event in enumerate(warm):
+        last[event.user_id] = pos
+        count[event.user_id] += 1
+    held_pos = {pos for user, pos in last.items() if count[user] >= 2}
+    hist = _Histories(cfg.history_len)
+    train, heldout = [], []
+    for pos, event in enumerate(warm):
+        if pos in held_pos:
+            heldout.append(hist.case(event))
+        else:
+            train.append(event)
+        hist.add(event)
+    return WarmupSplit(train=train, heldout=heldout, stream=stream, all_warmup=warm)
+
+
+def _learn_passes(model: StreamingRecommender, events: Sequence[Interaction], cfg: QualityConfig, passes: int) -> float:
+    """Feed `events` `passes` times in micro-batches; returns the seconds spent in learn()."""
+    spent = 0.0
+    for _ in range(passes):
+        for batch in _batches(events, cfg.batch_size):
+            t0 = time.perf_counter()
+            model.learn(batch)
+            spent += time.perf_counter() - t0
+    return spent
+
+
+@dataclass
+class StreamResult:
+    """What the prequential pass over the stream measured."""
+
+    overall: Scores = field(default_factory=Scores)
+    slices: dict[str, Scores] = field(
+        default_factory=lambda: {"new_users": Scores(), "cold_items": Scores(), "rest": Scores()}
+    )
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    learn_s: float = 0.0
+    rank_s: float = 0.0
+    events: int = 0
+
+
+def prequential(
+    model: StreamingRecommender,
+    split: WarmupSplit,
+    cfg: QualityConfig,
+) -> StreamResult:
+    """Rank then learn each stream micro-batch; `model` must already be warmed up.
+
+    Histories and exclusions start from every warm-up event (held-out ones included: they
+    happened, they were just not trained on).
+    """
+    hist = _Histories(cfg.history_len)
+    warm_users, warm_items = set(), set()
+    for event in split.all_warmup:
+        hist.add(event)
+        warm_users.add(event.user_id)
+        warm_items.add(event.item_id)
+
+    result = StreamResult()
+    window = Scores()
+    window_start = 0
+    k = cfg.k
+    for batch in _batches(split.stream, cfg.batch_size):
+        cases = []
+        for event in batch:
+            cases.append(hist.case(event))
+            hist.add(event)
+        t0 = time.perf_counter()
+        ranked = rank_cases(model, cases, k)
+        result.rank_s += time.perf_counter() - t0
+        for case, top in zip(cases, ranked, strict=True):
+            hit, gain = ndcg_at(top, case.item_id, k)
+            result.overall.add(hit, gain)
+            window.add(hit, gain)
+            new_user = case.user_id not in warm_users
+            cold_item = case.item_id not in warm_items
+            if new_user:
+                result.slices["new_users"].add(hit, gain)
+            if cold_item:
+                result.slices["cold_items"].add(hit, gain)
+            if not (new_user or cold_item):
+                result.slices["rest"].add(hit, gain)
+            if window.n == cfg.window:
+                result.windows.append({"start": window_start, "end": window_start + window.n, **window.as_dict(k)})
+                window_start += window.n
+                window = Scores()
+        t0 = time.perf_counter()
+        model.learn(batch)
+        result.learn_s += time.perf_counter() - t0
+        result.events += len(batch)
+    if window.n:
+        result.windows.append({"start": window_start, "end": window_start + window.n, **window.as_dict(k)})
+    return result
+
+
+def forgetting(
+    static_model: StreamingRecommender,
+    incremental_model: StreamingRecommender,
+    heldout: Sequence[Case],
+    k: int = 10,
+) -> dict[str, Any]:
+    """Relative drop of HR@k on `heldout` from `static_model` to `incremental_model`.
+
+    ``relative_drop = (hr_static - hr_incremental) / hr_static``: positive when the model that
+    kept learning lost old knowledge, negative when it gained; None when the static HR is 0.
+    """
+    static = evaluate(static_model, heldout, k).as_dict(k)
+    incremental = evaluate(incremental_model, heldout, k).as_dict(k)
+    hr_s, hr_i = static[f"hr@{k}"], incremental[f"hr@{k}"]
+    drop = (hr_s - hr_i) / hr_s if hr_s > 0 else None
+    return {
+        "relative_drop": drop,
+        f"static_hr@{k}": hr_s,
+        f"incremental_hr@{k}": hr_i,
+        f"static_ndcg@{k}": static[f"ndcg@{k}"],
+        f"incremental_ndcg@{k}": incremental[f"ndcg@{k}"],
+        "n_heldout": len(heldout),
+    }
+
+
+def leave_one_out(
+    factory: MethodFactory, catalog: Sequence[Item], events: Sequence[Interaction], cfg: QualityConfig
+) -> dict[str, Any]:
+    """Leave-one-out on a fresh model: last item = test, second-last = validation.
+
+    Users with fewer than three events only contribute training events. Training runs over the
+    remaining events in time order (`loo_passes` passes). The test case's history is everything
+    before it (validation included); its exclusions are the user's other items.
+    """
+    t_start = time.perf_counter()
+    by_user: dict[str, list[int]] = defaultdict(list)
+    for pos, event in enumerate(events):
+        by_user[event.user_id].append(pos)
+    held: set[int] = set()
+    tests, vals = [], []
+    for user, positions in by_user.items():
+        if len(positions) < 3:
+            continue
+        *train_pos, val_pos, test_pos = positions
+        held.update((val_pos, test_pos))
+        train_items = [events[p].item_id for p in train_pos]
+        val_item, test_item = events[val_pos].item_id, events[test_pos].item_id
+        before_test = train_items + [val_item]
+        tests.append(Case(user, test_item, tuple(before_test[-cfg.history_len :]), frozenset(before_test)))
+        vals.append(Case(user, val_item, tuple(train_items[-cfg.history_len :]), frozenset(train_items)))
+    train = [e for pos, e in enumerate(events) if pos not in held]
+
+    model = factory(catalog, cfg)
+    model.add_items(catalog)
+    learn_s = _learn_passes(model, train, cfg, cfg.loo_passes)
+    k = cfg.k
+    test = evaluate(model, tests, k, cfg.eval_batch).as_dict(k)
+    val = evaluate(model, vals, k, cfg.eval_batch).as_dict(k)
+    return {
+        f"hr@{k}": test[f"hr@{k}"],
+        f"ndcg@{k}": test[f"ndcg@{k}"],
+        f"val_hr@{k}": val[f"hr@{k}"],
+        f"val_ndcg@{k}": val[f"ndcg@{k}"],
+        "n_users": test["n"],
+        "train_events": len(train),
+        "learn_s": learn_s,
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def run_method(
+    name: str, factory: MethodFactory, dataset: Dataset, events: Sequence[Interaction], cfg: QualityConfig
+) -> dict[str, Any]:
+    """Everything measured for one method: prequential, slices, windows, forgetting, LOO."""
+    t_start = time.perf_counter()
+    split = split_warmup(events, cfg)
+    model = factory(dataset.items, cfg)
+    model.add_items(dataset.items)
+    warm_learn_s = _learn_passes(model, split.train, cfg, cfg.warmup_passes)
+    try:
+        static = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - a model that cannot be copied is trained twice instead
+        static = factory(dataset.items, cfg)
+        static.add_items(dataset.items)
+        _learn_passes(static, split.train, cfg, cfg.warmup_passes)
+    stream = prequential(model, split, cfg)
+    forgot = forgetting(static, model, split.heldout, cfg.k)
+    wall_s = time.perf_counter() - t_start
+    k = cfg.k
+    overall = stream.overall.as_dict(k)
+    out: dict[str, Any] = {
+        f"hr@{k}": overall[f"hr@{k}"],
+        f"ndcg@{k}": overall[f"ndcg@{k}"],
+        "events_per_s": stream.events / stream.learn_s if stream.learn_s > 0 else None,
+        "wall_s": wall_s,
+        "warmup_events_per_s": (
+            len(split.train) * cfg.warmup_passes / warm_learn_s if warm_learn_s > 0 else None
+        ),
+        "rank_ms_per_event": 1e3 * stream.rank_s / max(stream.events, 1),
+        "slices": {name_: s.as_dict(k) for name_, s in stream.slices.items()},
+        "windows": stream.windows,
+        "forgetting": forgot,
+    }
+    if cfg.loo:
+        out["loo"] = leave_one_out(factory, dataset.items, events, cfg)
+    return out
+
+
+def run_quality(
+    dataset: Dataset,
+    methods: Sequence[str],
+    cfg: QualityConfig,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every named method; the result is what quality.json holds."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
+    events = dataset.interactions[: cfg.events] if cfg.events else dataset.interactions
+    split = split_warmup(events, cfg)
+    protocol = {
+        "dataset": dataset.name,
+        "n_events": len(events),
+        "n_users": len({e.user_id for e in events}),
+        "n_items": len(dataset.items),
+        "warmup_events": len(split.all_warmup),
+        "heldout_events": len(split.heldout),
+        "stream_events": len(split.stream),
+        **asdict(cfg),
+        "description": (
+            "prequential: rank top-k for each stream event from the state before its "
+            "micro-batch, then learn the batch; excluded: the user's earlier items"
+        ),
+    }
+    results: dict[str, Any] = {}
+    for name in methods:
+        results[name] = run_method(name, METHODS[name], dataset, events, cfg)
+        if log is not None:
+            log(f"{name}: done in {results[name]['wall_s']:.1f} s")
+    pick = "incremental" if "incremental" in results else (methods[0] if methods else None)
+    top_forgetting: dict[str, Any] = {"relative_drop": None}
+    if pick is not None:
+        top_forgetting = {"method": pick, **results[pick]["forgetting"]}
+    return {"protocol": protocol, "methods": results, "forgetting": top_forgetting}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table of the headline numbers."""
+    k = result["protocol"]["k"]
+    head = (
+        f"{'method':<28}{'HR@' + str(k):>8}{'NDCG@' + str(k):>9}{'new_usr':>9}{'cold_it':>9}"
+        f"{'rest':>8}{'forget':>8}{'LOO HR':>8}{'ev/s':>10}{'wall s':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, m in result["methods"].items():
+        sl = m["slices"]
+        drop = m["forgetting"]["relative_drop"]
+        loo = m.get("loo", {}).get(f"hr@{k}")
+        eps = m["events_per_s"]
+        lines.append(
+            f"{name:<28}{m[f'hr@{k}']:>8.4f}{m[f'ndcg@{k}']:>9.4f}"
+            f"{sl['new_users'][f'hr@{k}']:>9.4f}{sl['cold_items'][f'hr@{k}']:>9.4f}"
+            f"{sl['rest'][f'hr@{k}']:>8.4f}{'-' if drop is None else f'{drop:+.3f}':>8}"
+            f"{'-' if loo is None else f'{loo:.4f}':>8}{'-' if eps is None else f'{eps:,.0f}':>10}"
+            f"{m['wall_s']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write quality.json and quality.png (windowed HR@k, one line per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "quality.json", out / "quality.png"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    k = result["protocol"]["k"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, m in result["methods"].items():
+        xs = [w["end"] for w in m["windows"]]
+        ax.plot(xs, [w[f"hr@{k}"] for w in m["windows"]], marker="o", markersize=3, label=name)
+    ax.set_xlabel("stream position (events after warm-up)")
+    ax.set_ylabel(f"HR@{k} per window of {result['protocol']['window']} events")
+    ax.set_title(f"Prequential HR@{k} on {result['protocol']['dataset']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return json_path, png_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.quality [--out DIR] [--events N] [--methods a,b,c] ...``."""
+    parser = argparse.ArgumentParser(prog="bench.quality", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench/out/quality", help="folder for quality.json/.png")
+    parser.add_argument("--events", type=int, default=None, help="use only the first N events")
+    parser.add_argument("--methods", default=None, help=f"comma-separated; default: all of {sorted(METHODS)}")
+    parser.add_argument("--data", default=None, help="MovieLens folder (default: ML-100K, fetched once)")
+    parser.add_argument("--synthetic", action="store_true", help="use the synthetic drifting stream")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--warmup-passes", type=int, default=1)
+    parser.add_argument("--window", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-loo", action="store_true", help="skip the leave-one-out protocol")
+    args = parser.parse_args(argv)
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; registered: {', '.join(sorted(METHODS))}")
+    try:
+        cfg = QualityConfig(
+            events=args.events, batch_size=args.batch_size, warmup_passes=args.warmup_passes,
+            window=args.window, seed=args.seed, loo=not args.no_loo,
+        )  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.synthetic:
+        dataset = synthetic_stream(1000, 2000, args.events or 100_000, 20_000, args.seed)
+    else:
+        dataset = load_movielens(args.data or ml100k_dir())
+
+    t0 = time.perf_counter()
+    result = run_quality(dataset, methods, cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    json_path, png_path = write_outputs(result, args.out)
+    p = result["protocol"]
+    print(
+        f"{p['dataset']}: {p['n_events']} events ({p['warmup_events']} warm-up, "
+        f"{p['heldout_events']} held out, {p['stream_events']} stream), {p['n_items']} items"
+    )
+    print(format_table(result))
+    print(f"wrote {json_path} and {png_path} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

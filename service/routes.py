@@ -1,0 +1,148 @@
+"""The HTTP API. Each route reads like the list of what it needs."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+import redis
+from fastapi import APIRouter, HTTPException, Query, Response
+from kafka.errors import KafkaError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from model.events import Interaction, Item
+from protocol.topics import encode_interaction, encode_item
+from service.deps import (Authorized, FeaturesDep, HolderDep, ProducerDep, SettingsDep,
+                          UserCacheDep)
+from service.holder import Snapshot
+from service.schemas import (Accepted, EventIn, ItemIn, ModelOut, RecommendIn, RecommendOut,
+                             Scored)
+
+router = APIRouter()
+
+
+def _rank(snap: Snapshot, features: FeaturesDep, history: list[str], exclude: set[str], k: int,
+          user_id: str | None, stale: bool) -> RecommendOut:
+    """Rank with one snapshot; before any verified version, fall back to popularity."""
+    if snap.scorer is not None:
+        ranked = snap.scorer.rank_batch([history], k, [exclude])[0]
+        used = sum(1 for i in history[-snap.scorer.history_len:] if i in snap.scorer.index)
+        source = "model"
+    else:
+        try:
+            pool = features.popular(k + len(exclude))
+        except redis.exceptions.RedisError:
+            pool = []
+        ranked = [(i, s) for i, s in pool if i not in exclude][:k]
+        used, source = 0, "popularity"
+    items = [Scored(item_id=i, score=s, text=snap.catalog[i].text if i in snap.catalog else None)
+             for i, s in ranked]
+    return RecommendOut(user_id=user_id, items=items, model_version=snap.version,
+                        history_used=used, source=source, stale_features=stale)
+
+
+@router.get("/recommend", response_model=RecommendOut)
+def recommend(holder: HolderDep, features: FeaturesDep, cache: UserCacheDep,
+              user_id: Annotated[str, Query(min_length=1, max_length=256)],
+              k: Annotated[int, Query(ge=1, le=100)] = 10,
+              exclude_seen: bool = True) -> RecommendOut:
+    """Top-k for a known (or unknown: cold start) user, from the live history in Redis."""
+    snap = holder.current  # one read: the whole request is served by this version
+    stale = False
+    try:
+        history, seen = features.user_state(user_id)
+        cache.put(user_id, (history, seen))
+    except redis.exceptions.RedisError:
+        history, seen = cache.get(user_id)
+        stale = True
+    return _rank(snap, features, history, seen if exclude_seen else set(), k, user_id, stale)
+
+
+@router.post("/recommend", response_model=RecommendOut)
+def recommend_anonymous(body: RecommendIn, holder: HolderDep,
+                        features: FeaturesDep) -> RecommendOut:
+    """Top-k for an anonymous session that brings its own history."""
+    snap = holder.current
+    known = snap.scorer.index if snap.scorer is not None else snap.catalog
+    unknown = [i for i in body.history if i not in known]
+    if unknown and known:
+        raise HTTPException(422, f"unknown item ids in history: {unknown[:10]}")
+    exclude = set(body.exclude) | (set(body.history) if body.exclude_history else set())
+    return _rank(snap, features, body.history, exclude, body.k, None, False)
+
+
+def _send(producer: ProducerDep, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    try:
+        futures = [producer.send(topic, key=key, value=value)  # type: ignore[attr-defined]
+                   for key, value in records]
+        for f in futures:
+            f.get(timeout=5)
+    except KafkaError as exc:
+        raise HTTPException(503, f"Kafka is unavailable, nothing was accepted: {exc}") from exc
+
+
+@router.post("/events", status_code=202, response_model=Accepted, dependencies=[Authorized])
+def post_events(body: EventIn | list[EventIn], settings: SettingsDep,
+                producer: ProducerDep) -> Accepted:
+    """One event or a list (at most 1,000) to the interactions topic, keyed by user id."""
+    events = body if isinstance(body, list) else [body]
+    if not 1 <= len(events) <= 1000:
+        raise HTTPException(422, "send between 1 and 1,000 events per request")
+    records = []
+    for e in events:
+        extra = e.model_extra or {}
+        records.append((e.user_id.encode(), encode_interaction(
+            Interaction(e.user_id, e.item_id, e.ts, e.event), extra)))
+    _send(producer, settings.topic_interactions, records)
+    return Accepted(accepted=len(records), topic=settings.topic_interactions)
+
+
+@router.post("/items", status_code=202, response_model=Accepted, dependencies=[Authorized])
+def post_items(body: ItemIn | list[ItemIn], settings: SettingsDep,
+               producer: ProducerDep) -> Accepted:
+    """Catalog items to the items topic; servers pick them up within a poll interval."""
+    items = body if isinstance(body, list) else [body]
+    if not 1 <= len(items) <= 1000:
+        raise HTTPException(422, "send between 1 and 1,000 items per request")
+    records = [(i.item_id.encode(), encode_item(Item(i.item_id, i.text, i.model_extra or {})))
+               for i in items]
+    _send(producer, settings.topic_items, records)
+    return Accepted(accepted=len(records), topic=settings.topic_items)
+
+
+@router.get("/model", response_model=ModelOut)
+def model_info(holder: HolderDep) -> ModelOut:
+    """The version being served and what it was trained through."""
+    snap = holder.current
+    out = ModelOut(version=snap.version, swaps=holder.swaps, refused_versions=holder.refused,
+                   catalog_items=len(snap.catalog))
+    if snap.loaded is not None:
+        m = snap.loaded.manifest
+        out = out.model_copy(update=dict(parent=m.parent, kind=m.kind, created_at=m.created_at,
+                                         age_seconds=time.time() - m.created_at,
+                                         encoder=m.encoder, trained_through=m.trained_through))
+    return out
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(holder: HolderDep, response: Response) -> dict[str, object]:
+    """Ready once a verified version is served; says whether Redis is reachable."""
+    ready = holder.current.version > 0
+    response.status_code = 200 if ready else 503
+    return {"ready": ready, "model_version": holder.current.version, "redis_ok": holder.redis_ok}
+
+
+@router.get("/metrics")
+def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def error_body(detail: object) -> bytes:
+    return json.dumps({"detail": detail}).encode()

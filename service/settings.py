@@ -1,0 +1,18 @@
+"""Settings of the API server (FRESHREC_* environment variables), loaded once in the lifespan."""
+
+from __future__ import annotations
+
+from pydantic import SecretStr
+
+from protocol.settings import CommonSettings
+
+
+class ServiceSettings(CommonSettings):
+    """The API server never trains and never writes weights; it reads and verifies them."""
+
+    api_token: SecretStr = SecretStr("")  # bearer token of the write endpoints; "" disables them
+    encoder_path: str = ""  # must be the trainer's base encoder (checked against each manifest)
+    poll_interval_s: float = 0.5  # how often the pointer and the catalog log are polled
+    max_body_bytes: int = 1_000_000  # larger request bodies get 413
+    user_cache_size: int = 100_000  # last known histories, served while Redis is down
+    torch_threads: int = 1  # per-request matmuls are small; one thread keeps latency flat
