@@ -52,6 +52,7 @@ class Trainer:
         self.features = features
         self.pending = Pending()
         self.trained: dict[TopicPartition, int] = {}  # offsets trained but not yet published
+        self.through: dict[str, int] = {}  # every partition's offset covered by published weights
         self.unpublished_events = 0
         self.produce_ts: list[float] = []  # produce times of the unpublished events
         self.newest_event_ts = 0.0
@@ -156,8 +157,9 @@ class Trainer:
         else:
             blob = to_bytes(tensors, ids)
         step = max(1, len(self.produce_ts) // PRODUCE_SAMPLE)
+        self.through.update({f"{tp.topic}:{tp.partition}": off for tp, off in self.trained.items()})
         through = {
-            "offsets": {f"{tp.topic}:{tp.partition}": off for tp, off in self.trained.items()},
+            "offsets": dict(self.through),
             "newest_event_ts": self.newest_event_ts,
             "produced_ts": sorted(self.produce_ts)[::step][:PRODUCE_SAMPLE],
             "events": self.unpublished_events,

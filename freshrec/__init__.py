@@ -1,0 +1,1 @@
+"""freshrec: the command-line interface and the wiring of processes (`freshrec up`)."""

