@@ -28,13 +28,13 @@ def apply(store: FeatureStore, polled: Polled) -> None:
 
 def run(settings: FeaturesSettings) -> None:
     """Poll, apply, commit; forever, until SIGTERM."""
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="0.0.0.0")
+    if settings.features_metrics_port:
+        start_http_server(settings.features_metrics_port, addr="0.0.0.0")
     store = FeatureStore(redis.Redis.from_url(settings.redis_url), settings.namespace,
                          settings.history_len)
-    transport = Transport(settings, settings.group, "features", dlq=True)
+    transport = Transport(settings, settings.features_group, "features", dlq=True)
     transport.install_signal_handlers()
-    log.info("features consumer up (group %s)", settings.group)
+    log.info("features consumer up (group %s)", settings.features_group)
     try:
         for polled in transport.batches(timeout_ms=100):
             if not polled:

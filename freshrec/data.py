@@ -23,6 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+# The one definition of the records; model/events.py is plain dataclasses (no torch import).
+from model.events import Interaction, Item
+
 __all__ = [
     "DataError",
     "Dataset",
@@ -34,25 +37,6 @@ __all__ = [
     "ml100k_dir",
     "synthetic_stream",
 ]
-
-
-@dataclass(frozen=True)
-class Interaction:
-    """One user-item event. `ts` is event time in epoch seconds."""
-
-    user_id: str
-    item_id: str
-    ts: float
-    event: str = "rating"
-
-
-@dataclass(frozen=True)
-class Item:
-    """One catalog item: its id, the text the item tower reads, and the parsed metadata."""
-
-    item_id: str
-    text: str
-    fields: dict
 
 
 @dataclass
@@ -233,7 +217,9 @@ def load_movielens(path: str | os.PathLike[str]) -> Dataset:
     known = {item.item_id for item in items}
     for event in events:
         if event.item_id not in known:
-            raise DataError(f"{root}: interaction names item {event.item_id!r} missing from the item file")
+            raise DataError(
+                f"{root}: interaction names item {event.item_id!r} missing from the item file"
+            )
     items.sort(key=lambda it: _id_key(it.item_id))
     events.sort(key=event_sort_key)
     return Dataset(items=items, interactions=events, name=root.name)
@@ -273,7 +259,7 @@ def _load_recbole(root: Path, inter_files: list[Path]) -> tuple[list[Item], list
                 continue
             parts = line.rstrip("\r\n").split("\t")
             try:
-                events.append(Interaction(parts[u], parts[i], float(parts[t])))
+                events.append(Interaction(parts[u], parts[i], float(parts[t]), "rating"))
             except (IndexError, ValueError) as exc:
                 raise DataError(f"{inter_path}:{lineno}: cannot parse {line!r}") from exc
 
@@ -290,7 +276,9 @@ def _load_recbole(root: Path, inter_files: list[Path]) -> tuple[list[Item], list
                 return parts[idx] if idx is not None and idx < len(parts) else ""
 
             genres = col("class").split()
-            items.append(_make_item(col("item_id"), col("movie_title"), col("release_year"), genres))
+            items.append(
+                _make_item(col("item_id"), col("movie_title"), col("release_year"), genres)
+            )
     return items, events
 
 
@@ -302,14 +290,18 @@ def _load_ml100k(root: Path) -> tuple[list[Item], list[Interaction]]:
                 continue
             parts = line.split("\t")
             try:
-                events.append(Interaction(parts[0].strip(), parts[1].strip(), float(parts[3])))
+                events.append(
+                    Interaction(parts[0].strip(), parts[1].strip(), float(parts[3]), "rating")
+                )
             except (IndexError, ValueError) as exc:
                 raise DataError(f"{root / 'u.data'}:{lineno}: cannot parse {line!r}") from exc
 
     genre_names = list(ML100K_GENRES)
     genre_file = root / "u.genre"
     if genre_file.is_file():
-        pairs = [ln.rsplit("|", 1) for ln in genre_file.read_text("latin-1").splitlines() if "|" in ln]
+        pairs = [
+            ln.rsplit("|", 1) for ln in genre_file.read_text("latin-1").splitlines() if "|" in ln
+        ]
         genre_names = [name for name, _ in sorted(pairs, key=lambda p: int(p[1]))]
 
     items: list[Item] = []
@@ -321,7 +313,11 @@ def _load_ml100k(root: Path) -> tuple[list[Item], list[Interaction]]:
             continue
         parts = line.split("|")
         flags = parts[5:]
-        genres = [genre_names[k] for k, flag in enumerate(flags[: len(genre_names)]) if flag.strip() == "1"]
+        genres = [
+            genre_names[k]
+            for k, flag in enumerate(flags[: len(genre_names)])
+            if flag.strip() == "1"
+        ]
         items.append(_make_item(parts[0], parts[1], parts[2] if len(parts) > 2 else "", genres))
     return items, events
 
@@ -334,7 +330,7 @@ def _load_ml1m(root: Path) -> tuple[list[Item], list[Interaction]]:
                 continue
             parts = line.rstrip("\r\n").split("::")
             try:
-                events.append(Interaction(parts[0], parts[1], float(parts[3])))
+                events.append(Interaction(parts[0], parts[1], float(parts[3]), "rating"))
             except (IndexError, ValueError) as exc:
                 raise DataError(f"{root / 'ratings.dat'}:{lineno}: cannot parse {line!r}") from exc
     movie_file = root / "movies.dat"

@@ -48,7 +48,8 @@ class ModelConfig:
     adaptive_lr: bool = True  # scale the lr by recent loss drift (up on drift, down when calm)
     adaptive_lr_range: tuple[float, float] = (0.3, 3.0)  # bounds of the lr multiplier
     gate: bool = True  # refuse to publish when HR@10 on a recent holdout slice collapses
-    gate_tolerance: float = 0.5  # refuse when holdout HR falls below (1 - tol) x the published one
+    gate_tolerance: float = 0.3  # refuse when the candidate's HR < (1 - tol) x the published one's
+    gate_min_events: int = 200  # fewer fresh events since the last publish: no verdict yet
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -46,8 +46,8 @@ class GateDecision:
     """Whether the weights learned since the last publish may be published."""
 
     publish: bool
-    hr: float  # prequential HR@10 of the candidate since the last publish
-    reference: float  # HR@10 the published versions achieved
+    hr: float  # HR@10 of the candidate on the events since the last publish
+    reference: float  # HR@10 of the last published weights on the same events
     events: int
 
 
@@ -88,8 +88,9 @@ class OnlineLearner:
         self.lr_scale = 1.0
         self.anchor: list[torch.Tensor] | None = None
         self._published: dict[str, torch.Tensor] | None = None
-        self._gate_hits: list[float] = []
-        self._gate_reference: float | None = None
+        self._published_scorer: Scorer | None = None
+        self._gate_hits: list[float] = []  # candidate's prequential hits since the last publish
+        self._gate_published: list[float] = []  # the published weights' hits on the same events
         self._scorer: Scorer | None = None
         self.autocast = self.device.type == "cuda"
 
@@ -291,7 +292,11 @@ class OnlineLearner:
         return [[i for i, _ in r] for r in self.scorer().rank_batch(histories, k, exclude)]
 
     def evaluate(self, batch: Sequence[Interaction], k: int = 10) -> tuple[list[float], list[float]]:
-        """Prequential HR@k and NDCG@k per event, before learning it (histories grow in-batch)."""
+        """Prequential HR@k and NDCG@k per event, before learning it (histories grow in-batch).
+
+        With the gate on, the last published weights are scored on the same events: the gate
+        compares the two on data neither has trained on, so drift hits both alike.
+        """
         hist_of: dict[str, list[str]] = {}
         seen_of: dict[str, set[str]] = {}
         histories, excludes = [], []
@@ -302,40 +307,39 @@ class OnlineLearner:
             excludes.append(set(s))
             h.append(e.item_id)
             s.add(e.item_id)
-        ranked = self.rank_batch(histories, k, excludes)
-        hits, ndcgs = [], []
-        for e, r in zip(batch, ranked, strict=True):
-            rank = r.index(e.item_id) if e.item_id in r else -1
-            hits.append(1.0 if rank >= 0 else 0.0)
-            ndcgs.append(1.0 / math.log2(rank + 2) if rank >= 0 else 0.0)
-        self._gate_hits.extend(hits)
+        targets = [e.item_id for e in batch]
+        hits, ndcgs = _hits(self.rank_batch(histories, k, excludes), targets)
+        if self.cfg.gate and self._published_scorer is not None:
+            ranked = self._published_scorer.rank_batch(histories, k, excludes)
+            self._gate_published.extend(_hits([[i for i, _ in r] for r in ranked], targets)[0])
+            self._gate_hits.extend(hits)
         return hits, ndcgs
 
     # ------------------------------------------------------------------ publishing
     def gate(self) -> GateDecision:
-        """Validation gate on the prequential slice since the last publish (events never trained
-        on when they were scored). Refuses when HR@10 collapsed against the published record."""
+        """Validation gate: HR@10 of the candidate vs the last published weights on the events
+        since the last publish, each scored before any training on it. Refuses a candidate that
+        lost more than `gate_tolerance` of the published HR (garbage learned, divergence)."""
         n = len(self._gate_hits)
         hr = float(np.mean(self._gate_hits)) if n else 0.0
-        ref = self._gate_reference if self._gate_reference is not None else 0.0
-        refuse = (self.cfg.gate and n >= 200 and self._gate_reference is not None
-                  and hr < (1.0 - self.cfg.gate_tolerance) * ref)
+        ref = float(np.mean(self._gate_published)) if n else 0.0
+        refuse = self.cfg.gate and n >= self.cfg.gate_min_events and \
+            hr < (1.0 - self.cfg.gate_tolerance) * ref
         return GateDecision(not refuse, hr, ref, n)
 
-    def mark_published(self, decision: GateDecision | None = None) -> None:
-        """The current weights were published: they become the anchor and the rollback point."""
+    def mark_published(self) -> None:
+        """The current weights were published: they become the anchor, the rollback point and
+        the gate's reference."""
         self.anchor = [p.detach().clone() for p in self._dense]
         self._published = {k: v.detach().clone() for k, v in self.state_tensors().items()}
-        if decision is not None and decision.events >= 200:
-            prev = self._gate_reference
-            self._gate_reference = decision.hr if prev is None else 0.8 * prev + 0.2 * decision.hr
-        self._gate_hits = []
+        self._published_scorer = self.scorer()
+        self._gate_hits, self._gate_published = [], []
 
     def rollback(self) -> None:
         """Return to the last published weights (after the gate refused the candidate)."""
         if self._published is not None:
-            self.load_tensors(self._published, self.item_ids)
-        self._gate_hits = []
+            self.load_tensors(self._published, self.item_ids[: self._published["id_emb"].shape[0]])
+        self._gate_hits, self._gate_published = [], []
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything a server needs besides the base encoder: adapters, user tower, ID table."""
@@ -363,3 +367,13 @@ class OnlineLearner:
             self.encoder.model.load_state_dict(enc, strict=False)
             self._refresh_text()
         self._scorer = None
+
+
+def _hits(ranked: Sequence[Sequence[str]], targets: Sequence[str]) -> tuple[list[float], list[float]]:
+    """HR and NDCG per (ranking, target) pair."""
+    hits, ndcgs = [], []
+    for r, target in zip(ranked, targets, strict=True):
+        rank = list(r).index(target) if target in r else -1
+        hits.append(1.0 if rank >= 0 else 0.0)
+        ndcgs.append(1.0 / math.log2(rank + 2) if rank >= 0 else 0.0)
+    return hits, ndcgs

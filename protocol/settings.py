@@ -19,7 +19,6 @@ class CommonSettings(BaseSettings):
     topic_dlq: str = "freshrec.dlq"
     partitions: int = 4  # used when freshrec creates the topics itself
     hmac_key: SecretStr = SecretStr("")  # signs and verifies published weights; never in Redis
-    metrics_port: int = 0  # 0 = no separate metrics server (the API serves /metrics itself)
 
     def require_hmac_key(self) -> bytes:
         """Fail fast with a sentence a person understands when the signing key is missing."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -10,7 +11,10 @@ from contextlib import asynccontextmanager
 
 import redis
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.encoder import TextEncoder
@@ -28,24 +32,48 @@ log = logging.getLogger("freshrec.service")
 class LazyProducer:
     """A Kafka producer created on first use, so the API starts (and serves) without Kafka."""
 
+    RETRY_AFTER_S = 5.0  # after a failed connect, answer 503 at once for this long
+
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
         self._producer = None
         self._lock = threading.Lock()
+        self._failed: tuple[float, str] | None = None  # (monotonic time, error) of the last try
+
+    def _recent_failure(self):  # noqa: ANN202
+        from fastapi import HTTPException
+
+        failed = self._failed
+        if failed is not None and time.monotonic() - failed[0] < self.RETRY_AFTER_S:
+            return HTTPException(503, f"Kafka is unavailable: {failed[1]}",
+                                 headers={"Retry-After": str(int(self.RETRY_AFTER_S))})
+        return None
 
     def get(self):  # noqa: ANN201 - kafka.KafkaProducer
         from fastapi import HTTPException
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
+        if self._producer is not None:
+            return self._producer
+        # Fail fast while Kafka is known to be down: otherwise every write request would queue
+        # on the lock for a full bootstrap timeout and pin the worker threads /recommend needs.
+        if (exc := self._recent_failure()) is not None:
+            raise exc
         with self._lock:
+            if (exc := self._recent_failure()) is not None:
+                raise exc
             if self._producer is None:
                 try:
                     self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
                                                    linger_ms=2, request_timeout_ms=5000,
-                                                   max_block_ms=5000)
+                                                   max_block_ms=5000, bootstrap_timeout_ms=5000)
                 except KafkaError as exc:
-                    raise HTTPException(503, f"Kafka is unavailable: {exc}") from exc
+                    self._failed = (time.monotonic(), str(exc) or type(exc).__name__)
+                    raise HTTPException(503, f"Kafka is unavailable: {exc}",
+                                        headers={"Retry-After": str(int(self.RETRY_AFTER_S))}
+                                        ) from exc
+                self._failed = None
             return self._producer
 
     def close(self) -> None:
@@ -70,16 +98,29 @@ class Guard:
             await _reply(send, 413, f"request body over {self.max_body} bytes")
             return
         status = {"code": 500}
-        seen = {"bytes": 0}
+        seen = {"bytes": 0, "too_large": False, "replied": False}
+
+        async def reply_413() -> None:
+            if not seen["replied"]:
+                seen["replied"] = True
+                status["code"] = 413
+                await _reply(send, 413, f"request body over {self.max_body} bytes")
 
         async def limited_receive() -> Message:
             msg = await receive()
             seen["bytes"] += len(msg.get("body", b""))
             if seen["bytes"] > self.max_body:  # chunked bodies without a length
+                seen["too_large"] = True
                 raise BodyTooLarge
             return msg
 
         async def capture(msg: Message) -> None:
+            if seen["too_large"]:
+                # FastAPI turns any error while reading the body into its own 400; the client
+                # must see the 413 instead, and exactly one response.
+                if msg["type"] == "http.response.start":
+                    await reply_413()
+                return
             if msg["type"] == "http.response.start":
                 status["code"] = msg["status"]
             await send(msg)
@@ -89,8 +130,7 @@ class Guard:
         try:
             await self.app(scope, limited_receive, capture)
         except BodyTooLarge:
-            status["code"] = 413
-            await _reply(send, 413, f"request body over {self.max_body} bytes")
+            await reply_413()
         finally:
             metrics.IN_FLIGHT.dec()
             route = scope.get("route")
@@ -134,12 +174,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.producer.close()
 
 
+def _finite(value: object) -> object:
+    """JSON has no NaN/Infinity: show such floats as strings (e.g. an echoed `ts: NaN` input)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422, except that a NaN in the offending input no longer turns it into a 500
+    (its default handler echoes the input, and JSON cannot encode NaN)."""
+    return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(exc.errors()))})
+
+
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     """The app factory; uvicorn uses `service.app:app`, tests pass their own settings."""
     settings = settings or ServiceSettings()
     app = FastAPI(title="freshrec", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.include_router(router)
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.add_middleware(Guard, max_body=settings.max_body_bytes)
     return app
 

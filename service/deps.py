@@ -46,8 +46,10 @@ def get_user_cache(request: Request) -> UserCache:
     return request.app.state.user_cache
 
 
-def get_producer(request: Request):  # noqa: ANN201 - a kafka.KafkaProducer
-    return request.app.state.producer.get()
+def get_producer(request: Request):  # noqa: ANN201 - a service.app.LazyProducer
+    # Not connected here: a dependency runs before body validation, so connecting here made bad
+    # input answer 503 (not 422) whenever Kafka was down. Routes call .get() after validation.
+    return request.app.state.producer
 
 
 def require_token(settings: Annotated[ServiceSettings, Depends(get_settings)],

@@ -157,6 +157,10 @@ class ModelHolder:
                                     f"serving supports the head policy, got {cfg.policy}")
         net = TwoTower(cfg, self.encoder.dim, len(loaded.item_ids))
         expected = {k: v.shape for k, v in net.state_dict().items()}
+        for name, t in loaded.tensors.items():  # its own reason: NaN is not a shape problem
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise VerificationError("non_finite",
+                                        f"version {m.version}: tensor {name} has non-finite values")
         check_tensors(loaded.tensors, expected, len(loaded.item_ids))
         net.load_state_dict(loaded.tensors)
         net.eval()

@@ -73,9 +73,9 @@ def recommend_anonymous(body: RecommendIn, holder: HolderDep,
 
 
 def _send(producer: ProducerDep, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    kafka = producer.get()  # type: ignore[attr-defined] - 503 when Kafka is unreachable
     try:
-        futures = [producer.send(topic, key=key, value=value)  # type: ignore[attr-defined]
-                   for key, value in records]
+        futures = [kafka.send(topic, key=key, value=value) for key, value in records]
         for f in futures:
             f.get(timeout=5)
     except KafkaError as exc:

