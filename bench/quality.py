@@ -19,7 +19,8 @@ Protocol (the defaults; see `QualityConfig`):
    validation; train on the rest in time order; rank the full catalog without the user's other
    items.
 
-Methods come from `METHODS` (name -> factory(catalog, config)); `register` adds more.
+Methods come from `METHODS` (name -> factory(catalog, config)); `register` adds more, and
+`frozen_after_warmup(factory)` makes the `static` variant of any method.
 ``python -m bench.quality --out DIR`` writes DIR/quality.json and DIR/quality.png.
 """
 
@@ -43,10 +44,12 @@ from freshrec.data import Dataset, Interaction, Item, load_movielens, ml100k_dir
 __all__ = [
     "METHODS",
     "Case",
+    "FrozenAfterWarmup",
     "MethodFactory",
     "QualityConfig",
     "Scores",
     "forgetting",
+    "frozen_after_warmup",
     "leave_one_out",
     "main",
     "ndcg_at",
@@ -78,7 +81,9 @@ class QualityConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.warmup_frac < 1.0:
-            raise ValueError(f"warmup_frac must lie strictly between 0 and 1, got {self.warmup_frac}")
+            raise ValueError(
+                f"warmup_frac must lie strictly between 0 and 1, got {self.warmup_frac}"
+            )
         for name in ("batch_size", "k", "window", "history_len", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -96,6 +101,54 @@ METHODS: dict[str, MethodFactory] = {}
 def register(name: str, factory: MethodFactory) -> None:
     """Make a method available to the harness (replaces an earlier one of that name)."""
     METHODS[name] = factory
+
+
+class FrozenAfterWarmup:
+    """Wraps a method so that it learns during warm-up only: the `static` variant of a method.
+
+    The harness calls ``end_warmup()`` on any method that has it once warm-up training is done
+    (leave-one-out never calls it, so there the wrapped method trains on everything).
+    """
+
+    def __init__(self, inner: StreamingRecommender, name: str | None = None) -> None:
+        self.inner = inner
+        self.name = name or f"{inner.name}-static"
+        self.wants_user_ids = bool(getattr(inner, "wants_user_ids", False))
+        self.frozen = False
+
+    def add_items(self, items: Sequence[Item]) -> None:
+        """Forwarded to the wrapped method."""
+        self.inner.add_items(items)
+
+    def learn(self, batch: Sequence[Interaction]) -> None:
+        """Forwarded until `end_warmup`, ignored after."""
+        if not self.frozen:
+            self.inner.learn(batch)
+
+    def end_warmup(self) -> None:
+        """Stop learning."""
+        self.frozen = True
+
+    def rank_batch(
+        self,
+        histories: Sequence[Sequence[str]],
+        k: int,
+        exclude: Sequence[Collection[str]],
+        **kwargs: Any,
+    ) -> list[list[str]]:
+        """Forwarded to the wrapped method (with ``users=`` when it wants them)."""
+        return self.inner.rank_batch(histories, k, exclude, **kwargs)
+
+
+def frozen_after_warmup(factory: MethodFactory) -> MethodFactory:
+    """The `static` twin of a method factory: same model, no learning after warm-up."""
+    return lambda catalog, cfg: FrozenAfterWarmup(factory(catalog, cfg))
+
+
+def _end_warmup(model: StreamingRecommender) -> None:
+    hook = getattr(model, "end_warmup", None)
+    if callable(hook):
+        hook()
 
 
 register("popularity", lambda catalog, cfg: Popularity())
@@ -154,7 +207,9 @@ def rank_cases(model: StreamingRecommender, cases: Sequence[Case], k: int) -> li
     return model.rank_batch(histories, k, exclude)
 
 
-def evaluate(model: StreamingRecommender, cases: Sequence[Case], k: int, batch: int = 512) -> Scores:
+def evaluate(
+    model: StreamingRecommender, cases: Sequence[Case], k: int, batch: int = 512
+) -> Scores:
     """HR/NDCG of `model` on `cases`, ranked `batch` at a time, without learning."""
     scores = Scores()
     for start in range(0, len(cases), batch):
@@ -226,7 +281,9 @@ def split_warmup(events: Sequence[Interaction], cfg: QualityConfig) -> WarmupSpl
     return WarmupSplit(train=train, heldout=heldout, stream=stream, all_warmup=warm)
 
 
-def _learn_passes(model: StreamingRecommender, events: Sequence[Interaction], cfg: QualityConfig, passes: int) -> float:
+def _learn_passes(
+    model: StreamingRecommender, events: Sequence[Interaction], cfg: QualityConfig, passes: int
+) -> float:
     """Feed `events` `passes` times in micro-batches; returns the seconds spent in learn()."""
     spent = 0.0
     for _ in range(passes):
@@ -293,7 +350,9 @@ def prequential(
             if not (new_user or cold_item):
                 result.slices["rest"].add(hit, gain)
             if window.n == cfg.window:
-                result.windows.append({"start": window_start, "end": window_start + window.n, **window.as_dict(k)})
+                result.windows.append(
+                    {"start": window_start, "end": window_start + window.n, **window.as_dict(k)}
+                )
                 window_start += window.n
                 window = Scores()
         t0 = time.perf_counter()
@@ -301,7 +360,9 @@ def prequential(
         result.learn_s += time.perf_counter() - t0
         result.events += len(batch)
     if window.n:
-        result.windows.append({"start": window_start, "end": window_start + window.n, **window.as_dict(k)})
+        result.windows.append(
+            {"start": window_start, "end": window_start + window.n, **window.as_dict(k)}
+        )
     return result
 
 
@@ -331,7 +392,10 @@ def forgetting(
 
 
 def leave_one_out(
-    factory: MethodFactory, catalog: Sequence[Item], events: Sequence[Interaction], cfg: QualityConfig
+    factory: MethodFactory,
+    catalog: Sequence[Item],
+    events: Sequence[Interaction],
+    cfg: QualityConfig,
 ) -> dict[str, Any]:
     """Leave-one-out on a fresh model: last item = test, second-last = validation.
 
@@ -353,8 +417,12 @@ def leave_one_out(
         train_items = [events[p].item_id for p in train_pos]
         val_item, test_item = events[val_pos].item_id, events[test_pos].item_id
         before_test = train_items + [val_item]
-        tests.append(Case(user, test_item, tuple(before_test[-cfg.history_len :]), frozenset(before_test)))
-        vals.append(Case(user, val_item, tuple(train_items[-cfg.history_len :]), frozenset(train_items)))
+        tests.append(
+            Case(user, test_item, tuple(before_test[-cfg.history_len :]), frozenset(before_test))
+        )
+        vals.append(
+            Case(user, val_item, tuple(train_items[-cfg.history_len :]), frozenset(train_items))
+        )
     train = [e for pos, e in enumerate(events) if pos not in held]
 
     model = factory(catalog, cfg)
@@ -376,7 +444,11 @@ def leave_one_out(
 
 
 def run_method(
-    name: str, factory: MethodFactory, dataset: Dataset, events: Sequence[Interaction], cfg: QualityConfig
+    name: str,
+    factory: MethodFactory,
+    dataset: Dataset,
+    events: Sequence[Interaction],
+    cfg: QualityConfig,
 ) -> dict[str, Any]:
     """Everything measured for one method: prequential, slices, windows, forgetting, LOO."""
     t_start = time.perf_counter()
@@ -384,12 +456,14 @@ def run_method(
     model = factory(dataset.items, cfg)
     model.add_items(dataset.items)
     warm_learn_s = _learn_passes(model, split.train, cfg, cfg.warmup_passes)
+    _end_warmup(model)
     try:
         static = copy.deepcopy(model)
     except Exception:  # noqa: BLE001 - a model that cannot be copied is trained twice instead
         static = factory(dataset.items, cfg)
         static.add_items(dataset.items)
         _learn_passes(static, split.train, cfg, cfg.warmup_passes)
+        _end_warmup(static)
     stream = prequential(model, split, cfg)
     forgot = forgetting(static, model, split.heldout, cfg.k)
     wall_s = time.perf_counter() - t_start
@@ -510,9 +584,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.quality", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/out/quality", help="folder for quality.json/.png")
     parser.add_argument("--events", type=int, default=None, help="use only the first N events")
-    parser.add_argument("--methods", default=None, help=f"comma-separated; default: all of {sorted(METHODS)}")
-    parser.add_argument("--data", default=None, help="MovieLens folder (default: ML-100K, fetched once)")
-    parser.add_argument("--synthetic", action="store_true", help="use the synthetic drifting stream")
+    parser.add_argument(
+        "--methods", default=None, help=f"comma-separated; default: all of {sorted(METHODS)}"
+    )
+    parser.add_argument(
+        "--data", default=None, help="MovieLens folder (default: ML-100K, fetched once)"
+    )
+    parser.add_argument(
+        "--synthetic", action="store_true", help="use the synthetic drifting stream"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--warmup-passes", type=int, default=1)
     parser.add_argument("--window", type=int, default=5000)
@@ -520,7 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-loo", action="store_true", help="skip the leave-one-out protocol")
     args = parser.parse_args(argv)
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    methods = (
+        [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    )
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; registered: {', '.join(sorted(METHODS))}")
@@ -537,7 +619,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = load_movielens(args.data or ml100k_dir())
 
     t0 = time.perf_counter()
-    result = run_quality(dataset, methods, cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = run_quality(
+        dataset, methods, cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True)
+    )
     json_path, png_path = write_outputs(result, args.out)
     p = result["protocol"]
     print(

@@ -6,6 +6,7 @@ is atomic and never fails a request. Loading and verification happen on a backgr
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -51,6 +52,7 @@ class ModelHolder:
         self.current = Snapshot(0, None, None, {})
         self.swaps = 0
         self.refused: dict[int, str] = {}  # version -> reason; never retried
+        self._refused_sig: dict[int, str | None] = {}  # version -> HMAC of the refused manifest
         self.redis_ok = True
         self._catalog: dict[str, Item] = {}
         self._text: dict[str, np.ndarray] = {}
@@ -101,21 +103,47 @@ class ModelHolder:
             except redis.exceptions.RedisError:
                 time.sleep(1.0)
 
+    def _signature(self, version: int) -> str | None:
+        """The stored manifest's HMAC (None: no manifest). With the number, it identifies a
+        version: a Redis that lost its data (no persistence) hands the numbers out again."""
+        raw = self.weights.r.get(f"{self.weights.ns}:v:{version}:manifest")
+        if raw is None:
+            return None
+        try:
+            return str(json.loads(raw).get("hmac", ""))
+        except (ValueError, AttributeError):
+            return ""
+
     def refresh(self) -> None:
         """One round: new catalog items, then a newer version if there is one."""
         catalog_changed = self._pull_catalog()
         target = self.weights.current()
         cur = self.current
-        if target is not None and target != cur.version and target not in self.refused:
+        served = cur.loaded.manifest.hmac if cur.loaded is not None else None
+        sig = self._signature(target) if target is not None else None
+        new = target is not None and not (target == cur.version and sig in (None, served))
+        if new and target in self.refused and self._refused_sig.get(target) == sig:
+            new = False  # refused once, never retried (unless the number now names another one)
+        if new:
+            assert target is not None
+            if target == cur.version:
+                log.warning("version %s was replaced in Redis (did the store lose its data?); "
+                            "loading the new one", target)
+            # A delta may be applied onto what we serve only if that is still the stored version.
+            have = (cur.loaded if cur.loaded is not None and target != cur.version
+                    and self._signature(cur.version) == served else None)
             try:
-                loaded = self.weights.load(target, have=cur.loaded)
+                loaded = self.weights.load(target, have=have)
                 scorer = self._build(loaded)
-            except (VerificationError, WeightsError) as exc:
-                reason = getattr(exc, "reason", "bad_shape")
+            except (VerificationError, ValueError) as exc:  # WeightsError is a ValueError
+                reason = getattr(exc, "reason", None) or (
+                    "bad_shape" if isinstance(exc, WeightsError) else "bad_manifest")
                 self.refused[target] = reason
+                self._refused_sig[target] = sig
                 metrics.SWAP_FAILURES.labels(reason).inc()
                 log.error("refused version %s (%s); still serving %s", target, exc, cur.version)
                 return
+            self.refused.pop(target, None)
             self._swap(Snapshot(target, loaded, scorer, dict(self._catalog)))
         elif catalog_changed and cur.loaded is not None:
             self.current = Snapshot(cur.version, cur.loaded, self._build(cur.loaded),
@@ -136,6 +164,12 @@ class ModelHolder:
 
     def _pull_catalog(self) -> bool:
         items, self._cursor = self.features.items_since(self._cursor)
+        if not items and self._cursor and \
+                self.features.r.llen(f"{self.features.ns}:items:log") < self._cursor:
+            # The log is shorter than what we read: the store lost its data. Read it again,
+            # or items defined from now on stay invisible until the log regrows past the cursor.
+            log.warning("the catalog log shrank (did the store lose its data?); re-reading it")
+            items, self._cursor = self.features.items_since(0)
         if not items:
             return False
         feats = resolve_text_features(self.features, self.encoder, items)

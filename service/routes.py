@@ -13,11 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.events import Interaction, Item
 from protocol.topics import encode_interaction, encode_item
-from service.deps import (Authorized, FeaturesDep, HolderDep, ProducerDep, SettingsDep,
-                          UserCacheDep)
+from service.deps import Authorized, FeaturesDep, HolderDep, ProducerDep, SettingsDep, UserCacheDep
 from service.holder import Snapshot
-from service.schemas import (Accepted, EventIn, ItemIn, ModelOut, RecommendIn, RecommendOut,
-                             Scored)
+from service.schemas import Accepted, EventIn, ItemIn, ModelOut, RecommendIn, RecommendOut, Scored
 
 router = APIRouter()
 
@@ -115,7 +113,7 @@ def post_items(body: ItemIn | list[ItemIn], settings: SettingsDep,
 def model_info(holder: HolderDep) -> ModelOut:
     """The version being served and what it was trained through."""
     snap = holder.current
-    out = ModelOut(version=snap.version, swaps=holder.swaps, refused_versions=holder.refused,
+    out = ModelOut(version=snap.version, swaps=holder.swaps, refused_versions=dict(holder.refused),
                    catalog_items=len(snap.catalog))
     if snap.loaded is not None:
         m = snap.loaded.manifest

@@ -1,0 +1,338 @@
+"""Tests of the quality harness (bench/quality.py) and the baselines (bench/baselines.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import quality
+from bench.baselines import Catalog, ItemKNN, Popularity, RiverMF, top_k
+from bench.quality import Case, QualityConfig, forgetting, ndcg_at, run_method, split_warmup
+from freshrec.data import Dataset, Interaction, Item, synthetic_stream
+
+
+def tiny_dataset() -> Dataset:
+    """Hand-made: users a, b in warm-up; c arrives in the stream; item i9 is new in the stream."""
+    rows = [
+        ("a", "i1"), ("a", "i2"), ("b", "i1"), ("a", "i3"), ("b", "i4"), ("b", "i5"),  # warm-up
+        ("a", "i4"), ("c", "i1"), ("b", "i9"), ("c", "i9"), ("a", "i5"), ("c", "i2"),  # stream
+    ]  # fmt: skip
+    events = [Interaction(u, i, float(t)) for t, (u, i) in enumerate(rows)]
+    items = [Item(f"i{n}", f"item {n}", {}) for n in range(1, 10)]
+    return Dataset(items=items, interactions=events, name="tiny")
+
+
+class Oracle:
+    """Knows every user's sequence; finds the next item from how many items are excluded."""
+
+    name = "oracle"
+    wants_user_ids = True
+
+    def __init__(self, events: Sequence[Interaction], rank: int = 1) -> None:
+        self.seq: dict[str, list[str]] = defaultdict(list)
+        for e in events:
+            self.seq[e.user_id].append(e.item_id)
+        self.rank = rank  # put the answer at this 1-based rank
+
+    def add_items(self, items: Sequence[Item]) -> None:
+        pass
+
+    def learn(self, batch: Sequence[Interaction]) -> None:
+        pass
+
+    def rank_batch(self, histories, k, exclude, users=None):  # noqa: ANN001, ANN201
+        out = []
+        for user, excl in zip(users, exclude, strict=True):
+            answer = self.seq[user][len(excl)]
+            out.append(["filler"] * (self.rank - 1) + [answer])
+        return out
+
+
+class Never:
+    """Recommends items that do not exist."""
+
+    name = "never"
+
+    def add_items(self, items: Sequence[Item]) -> None:
+        pass
+
+    def learn(self, batch: Sequence[Interaction]) -> None:
+        pass
+
+    def rank_batch(self, histories, k, exclude):  # noqa: ANN001, ANN201
+        return [[f"nothing{n}" for n in range(k)] for _ in histories]
+
+
+def cfg(**overrides: object) -> QualityConfig:
+    base: dict[str, object] = {"batch_size": 2, "window": 2, "loo": True}
+    base.update(overrides)
+    return QualityConfig(**base)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_ndcg_at() -> None:
+    assert ndcg_at(["x", "y"], "x", 10) == (1.0, 1.0)
+    hit, gain = ndcg_at(["x", "y"], "y", 10)
+    assert hit == 1.0 and gain == pytest.approx(1 / math.log2(3))
+    assert ndcg_at(["x", "y"], "z", 10) == (0.0, 0.0)
+    assert ndcg_at(["x", "y", "z"], "z", 2) == (0.0, 0.0)  # beyond the cut-off
+
+
+def test_oracle_scores_one_everywhere() -> None:
+    ds = tiny_dataset()
+    result = run_method("oracle", lambda c, q: Oracle(ds.interactions), ds, ds.interactions, cfg())
+    assert result["hr@10"] == 1.0 and result["ndcg@10"] == 1.0
+    for name, sl in result["slices"].items():
+        assert sl["hr@10"] == 1.0, name
+    assert result["forgetting"]["static_hr@10"] == 1.0
+    assert result["forgetting"]["relative_drop"] == 0.0
+    assert result["loo"]["hr@10"] == 1.0 and result["loo"]["val_hr@10"] == 1.0
+
+
+def test_rank_two_gives_inverse_log_gain_and_never_gives_zero() -> None:
+    ds = tiny_dataset()
+    second = run_method(
+        "o2", lambda c, q: Oracle(ds.interactions, rank=2), ds, ds.interactions, cfg()
+    )
+    assert second["hr@10"] == 1.0
+    assert second["ndcg@10"] == pytest.approx(1 / math.log2(3))
+    nothing = run_method("never", lambda c, q: Never(), ds, ds.interactions, cfg())
+    assert nothing["hr@10"] == 0.0 and nothing["ndcg@10"] == 0.0 and nothing["loo"]["hr@10"] == 0.0
+
+
+def test_slices_windows_and_heldout_of_the_tiny_case() -> None:
+    ds = tiny_dataset()
+    result = run_method("oracle", lambda c, q: Oracle(ds.interactions), ds, ds.interactions, cfg())
+    # Stream: (a,i4) rest, (c,i1) new user, (b,i9) cold item, (c,i9) both, (a,i5) rest, (c,i2) new.
+    assert result["slices"]["new_users"]["n"] == 3
+    assert result["slices"]["cold_items"]["n"] == 2
+    assert result["slices"]["rest"]["n"] == 2
+    assert [(w["start"], w["end"], w["n"]) for w in result["windows"]] == [
+        (0, 2, 2),
+        (2, 4, 2),
+        (4, 6, 2),
+    ]
+    split = split_warmup(ds.interactions, cfg())
+    assert [(c.user_id, c.item_id, c.history, c.exclude) for c in split.heldout] == [
+        ("a", "i3", ("i1", "i2"), frozenset({"i1", "i2"})),
+        ("b", "i5", ("i1", "i4"), frozenset({"i1", "i4"})),
+    ]
+    assert [(e.user_id, e.item_id) for e in split.train] == [
+        ("a", "i1"),
+        ("a", "i2"),
+        ("b", "i1"),
+        ("b", "i4"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Leak checks
+
+
+class Spy:
+    """Cheats with everything it is given or taught; any hit means the harness leaked."""
+
+    name = "spy"
+    wants_user_ids = True
+
+    def __init__(self) -> None:
+        self.learned: list[Interaction] = []
+        self.by_user: dict[str, list[str]] = defaultdict(list)
+
+    def add_items(self, items: Sequence[Item]) -> None:
+        pass
+
+    def learn(self, batch: Sequence[Interaction]) -> None:
+        self.learned.extend(batch)
+        for e in batch:
+            self.by_user[e.user_id].append(e.item_id)
+
+    def rank_batch(self, histories, k, exclude, users=None):  # noqa: ANN001, ANN201
+        # Ignores `exclude` on purpose: the history and every item it learned for the user.
+        return [
+            list(h)[::-1] + self.by_user[u][::-1] for h, u in zip(histories, users, strict=True)
+        ]
+
+
+def test_ranking_never_sees_the_event_being_predicted() -> None:
+    ds = synthetic_stream(30, 400, 1200, 300, seed=5)
+    pairs = [(e.user_id, e.item_id) for e in ds.interactions]
+    assert len(set(pairs)) == len(pairs)  # no repeats, so any hit is a leak
+    spies: list[Spy] = []
+
+    def factory(catalog: Sequence[Item], config: QualityConfig) -> Spy:
+        spies.append(Spy())
+        return spies[-1]
+
+    config = QualityConfig(batch_size=64, window=200, loo=False)
+    result = run_method("spy", factory, ds, ds.interactions, config)
+    # Items repeat only when a user has seen everything, which 40 events per user never reach.
+    assert result["hr@10"] == 0.0
+    assert result["forgetting"]["incremental_hr@10"] == 0.0
+    split = split_warmup(ds.interactions, config)
+    model = spies[0]
+    # Each trained event exactly once, in event order; the held-out events never.
+    assert model.learned == split.train + split.stream
+
+
+def test_frozen_after_warmup_learns_the_warmup_only() -> None:
+    ds = synthetic_stream(30, 400, 1200, 300, seed=5)
+    spies: list[Spy] = []
+
+    def factory(catalog: Sequence[Item], config: QualityConfig) -> Spy:
+        spies.append(Spy())
+        return spies[-1]
+
+    config = QualityConfig(batch_size=64, window=200)
+    result = run_method("static", quality.frozen_after_warmup(factory), ds, ds.interactions, config)
+    split = split_warmup(ds.interactions, config)
+    prequential_spy, loo_spy = spies
+    assert prequential_spy.learned == split.train
+    assert len(loo_spy.learned) == result["loo"]["train_events"]  # LOO never freezes
+    assert result["forgetting"]["relative_drop"] is None  # the spy never hits held-out events
+
+
+def test_stream_histories_include_same_batch_events_and_warmup() -> None:
+    ds = tiny_dataset()
+    seen: list[tuple[tuple[str, ...], frozenset[str]]] = []
+
+    class Recorder(Never):
+        def rank_batch(self, histories, k, exclude):  # noqa: ANN001, ANN201
+            seen.extend((tuple(h), frozenset(x)) for h, x in zip(histories, exclude, strict=True))
+            return super().rank_batch(histories, k, exclude)
+
+    run_method("rec", lambda c, q: Recorder(), ds, ds.interactions, cfg(batch_size=6, loo=False))
+    stream_cases = seen[:6]  # the stream is ranked first, the held-out cases after it
+    assert len(seen) == 6 + 2 + 2  # then held-out for the static twin and the streamed model
+    assert stream_cases[0] == (
+        ("i1", "i2", "i3"),
+        frozenset({"i1", "i2", "i3"}),
+    )  # held-out i3 counts
+    assert stream_cases[3] == (("i1",), frozenset({"i1"}))  # (c, i9) sees (c, i1) of its own batch
+
+
+# ---------------------------------------------------------------------------------------------
+# forgetting()
+
+
+def test_forgetting_is_the_relative_drop_of_heldout_hits() -> None:
+    heldout = [Case(str(u), "t", (), frozenset()) for u in range(4)]
+
+    class HitsFor(Never):
+        wants_user_ids = True
+
+        def __init__(self, users: set[str]) -> None:
+            self.users = users
+
+        def rank_batch(self, histories, k, exclude, users=None):  # noqa: ANN001, ANN201
+            return [["t"] if u in self.users else ["x"] for u in users]
+
+    out = forgetting(HitsFor({"0", "1", "2", "3"}), HitsFor({"0", "1"}), heldout, k=10)
+    assert out["static_hr@10"] == 1.0 and out["incremental_hr@10"] == 0.5
+    assert out["relative_drop"] == pytest.approx(0.5)
+    assert forgetting(HitsFor(set()), HitsFor({"0"}), heldout)["relative_drop"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+
+
+def test_top_k_skips_excluded_and_orders_by_score() -> None:
+    catalog = Catalog()
+    catalog.add(["a", "b", "c", "d"])
+    scores = np.array([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    assert top_k(scores, 2, [{"a"}, set()], catalog) == [["b", "c"], ["d", "c"]]
+    scores = np.array([[4.0, 3.0, 2.0, 1.0]])
+    assert top_k(scores, 10, [{"a", "b", "c"}], catalog) == [["d"]]
+
+
+def test_itemknn_ranks_co_occurring_items_first() -> None:
+    knn = ItemKNN(window=5)
+    knn.add_items([Item(i, i, {}) for i in "abcdef"])
+    events = [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u2", "b"), ("u3", "c"), ("u3", "d"),
+              ("u4", "e"), ("u5", "e"), ("u6", "e"), ("u3", "e")]  # fmt: skip
+    knn.learn([Interaction(u, i, float(t)) for t, (u, i) in enumerate(events)])
+    assert knn.co[0, 1] == knn.co[1, 0] == 2.0  # symmetric counts of (a, b)
+    assert knn.rank_batch([["a"]], 1, [{"a"}]) == [["b"]]  # despite e being more popular
+    assert knn.rank_batch([[]], 1, [set()]) == [["e"]]  # no history: popularity
+    assert knn.rank_batch([["d", "c"]], 2, [{"c", "d"}]) == [["e", "a"]]
+
+
+def test_popularity_counts_and_excludes() -> None:
+    pop = Popularity()
+    pop.add_items([Item(i, i, {}) for i in "abc"])
+    pop.learn([Interaction("u", i, 0.0) for i in "bbbcc"])
+    assert pop.rank_batch([[], []], 2, [set(), {"b"}]) == [["b", "c"], ["c", "a"]]
+
+
+def test_river_mf_vectorised_ranking_matches_predict_one() -> None:
+    ds = synthetic_stream(20, 30, 600, 0, seed=2)
+    mf = RiverMF(n_factors=8, seed=1)
+    mf.add_items(ds.items)
+    for start in range(0, 600, 100):
+        mf.learn(ds.interactions[start : start + 100])
+    user = ds.interactions[0].user_id
+    ranked = mf.rank_batch([[]], 30, [set()], users=[user])[0]
+    by_predict = sorted(
+        (it.item_id for it in ds.items), key=lambda i: -mf.model.predict_one(user, i)
+    )
+    assert ranked == by_predict
+    assert "never-seen-user" not in mf.model.u_latents
+    mf.rank_batch([["1"]], 5, [set()], users=["never-seen-user"])
+    assert "never-seen-user" not in mf.model.u_latents  # ranking must not create users
+
+
+def test_itemknn_beats_popularity_on_a_sequential_stream() -> None:
+    ds = synthetic_stream(200, 400, 12000, 3000, seed=1, n_topics=10, topic_affinity=0.95)
+    config = QualityConfig(window=2000, loo=False)
+    knn = run_method("itemknn", lambda c, q: ItemKNN(), ds, ds.interactions, config)
+    pop = run_method("popularity", lambda c, q: Popularity(), ds, ds.interactions, config)
+    assert knn["hr@10"] > 1.5 * pop["hr@10"], (knn["hr@10"], pop["hr@10"])
+
+
+# ---------------------------------------------------------------------------------------------
+# main()
+
+
+def test_main_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "q"
+    code = quality.main(["--synthetic", "--events", "3000", "--methods", "popularity,itemknn,river_mf",
+                         "--window", "500", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    result = json.loads((out / "quality.json").read_text())
+    assert set(result) == {"protocol", "methods", "forgetting"}
+    assert list(result["methods"]) == ["popularity", "itemknn", "river_mf"]
+    for m in result["methods"].values():
+        assert {"hr@10", "ndcg@10", "events_per_s", "wall_s", "slices", "windows", "loo"} <= set(m)
+        assert set(m["slices"]) == {"new_users", "cold_items", "rest"}
+        assert set(m["loo"]) >= {"hr@10", "ndcg@10"}
+        assert len(m["windows"]) == 3 and m["events_per_s"] > 0
+    assert "relative_drop" in result["forgetting"]
+    assert result["protocol"]["n_events"] == 3000
+    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "itemknn" in capsys.readouterr().out
+
+
+def test_main_rejects_unknown_methods(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        quality.main(["--synthetic", "--methods", "nope", "--out", str(tmp_path)])
+
+
+def test_registry_accepts_new_methods(tmp_path: Path) -> None:
+    ds = tiny_dataset()
+    quality.register("test-oracle", lambda c, q: Oracle(ds.interactions))
+    try:
+        result = quality.run_quality(ds, ["test-oracle"], cfg())
+    finally:
+        del quality.METHODS["test-oracle"]
+    assert result["methods"]["test-oracle"]["hr@10"] == 1.0
+    assert result["forgetting"]["method"] == "test-oracle"

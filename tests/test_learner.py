@@ -1,0 +1,246 @@
+"""The learner's contract and each continual-learning safeguard, on a tiny random BERT."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.events import Interaction, Item
+from model.learner import OnlineLearner
+from model.replay import Reservoir
+from model.serialization import (
+    WeightsError,
+    apply_delta,
+    check_tensors,
+    from_bytes,
+    make_delta,
+    to_bytes,
+)
+
+ITEMS = [Item(str(i), f"item {i} {'red' if i % 2 else 'blue'} thing") for i in range(30)]
+
+
+def stream(n: int, offset: int = 0) -> list[Interaction]:
+    """Users walk the catalog in steps of one (item i, then i+1, ...), 15 items each."""
+    out = []
+    for k in range(offset, offset + n):
+        user, pos = divmod(k, 15)
+        out.append(Interaction(f"u{user}", str((user * 7 + pos) % 30), float(k)))
+    return out
+
+
+def make(tiny_encoder, **kw) -> OnlineLearner:  # noqa: ANN001
+    cfg = ModelConfig(encoder_path=tiny_encoder.path, negatives=16, **kw)
+    learner = OnlineLearner(cfg, copy.deepcopy(tiny_encoder), device="cpu")
+    learner.add_items(ITEMS)
+    return learner
+
+
+def test_config_errors_are_sentences() -> None:
+    with pytest.raises(ValueError, match="policy must be one of"):
+        ModelConfig(policy="everything")
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(dim=30, user_heads=4)
+
+
+def test_learn_does_not_mutate_its_input(tiny_encoder) -> None:
+    learner = make(tiny_encoder)
+    batch = stream(64)
+    before = list(batch)
+    learner.learn(batch)
+    assert batch == before
+
+
+def test_seeded_runs_are_deterministic(tiny_encoder) -> None:
+    a, b = make(tiny_encoder, seed=3), make(tiny_encoder, seed=3)
+    for s in range(0, 300, 50):
+        a.learn(stream(50, s))
+        b.learn(stream(50, s))
+    for (k, va), vb in zip(a.state_tensors().items(), b.state_tensors().values(), strict=True):
+        assert torch.equal(va, vb), k
+    c = make(tiny_encoder, seed=4)
+    c.learn(stream(50))
+    assert not torch.equal(c.state_tensors()["adapter.proj.weight"],
+                           a.state_tensors()["adapter.proj.weight"])
+
+
+def test_state_round_trips_through_serialization(tiny_encoder) -> None:
+    learner = make(tiny_encoder)
+    learner.learn(stream(200))
+    tensors, ids = from_bytes(to_bytes(learner.state_tensors(), learner.item_ids))
+    fresh = make(tiny_encoder, seed=99)
+    fresh.load_tensors(tensors, ids)
+    hist = ["1", "2", "3"]
+    a, b = learner.rank(hist, 5), fresh.rank(hist, 5)
+    assert [i for i, _ in a] == [i for i, _ in b]
+    assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)
+
+
+def test_delta_carries_only_changed_rows_and_reproduces_the_child(tiny_encoder) -> None:
+    learner = make(tiny_encoder, replay=False)
+    learner.add_items([Item(f"x{i}", f"extra {i}") for i in range(300)])
+    learner.learn(stream(100))
+    parent = {k: v.clone() for k, v in learner.state_tensors().items()}
+    parent_ids = list(learner.item_ids)
+    learner.learn([Interaction("u1", "3", 1.0), Interaction("u1", "new-item", 2.0)])
+    child, child_ids = learner.state_tensors(), list(learner.item_ids)
+    delta, added = make_delta(parent, parent_ids, child, child_ids)
+    assert added == ["new-item"]
+    # rows touched: 2 targets + their histories + 16 sampled negatives (+ the new row)
+    assert len(delta["id_emb.rows"]) <= 2 + 15 + 16 + 1, "only touched rows travel"
+    rebuilt, rebuilt_ids = apply_delta(parent, parent_ids, *from_bytes(to_bytes(delta, added)))
+    assert rebuilt_ids == child_ids
+    for k, v in child.items():
+        assert torch.equal(rebuilt[k], v), k
+
+
+def test_check_tensors_rejects_nan_and_wrong_shapes(tiny_encoder) -> None:
+    learner = make(tiny_encoder)
+    tensors = {k: v.clone() for k, v in learner.state_tensors().items()}
+    expected = {k: v.shape for k, v in tensors.items()}
+    check_tensors(tensors, expected, len(learner.item_ids))
+    bad = dict(tensors, **{"adapter.proj.bias": tensors["adapter.proj.bias"] * float("nan")})
+    with pytest.raises(WeightsError, match="non-finite"):
+        check_tensors(bad, expected, len(learner.item_ids))
+    with pytest.raises(WeightsError, match="shape"):
+        check_tensors(dict(tensors, **{"adapter.proj.bias": torch.zeros(3)}), expected,
+                      len(learner.item_ids))
+
+
+def test_unseen_users_and_items_are_handled(tiny_encoder) -> None:
+    learner = make(tiny_encoder)
+    learner.learn(stream(100))
+    assert len(learner.rank([], 5)) == 5, "a user with no history gets cold-start results"
+    assert len(learner.rank(["never-seen"], 5)) == 5
+    learner.add_items([Item("fresh", "item fresh red thing")])
+    row = learner.index["fresh"]
+    learner.scorer()
+    assert torch.count_nonzero(learner.net.id_emb[row]) == 0, "new items start from text alone"
+    assert "fresh" in [i for i, _ in learner.rank(["1"], 31)]
+
+
+def test_replay_mixes_past_events_into_each_batch(tiny_encoder) -> None:
+    on, off = make(tiny_encoder, replay_ratio=0.5), make(tiny_encoder, replay=False)
+    on.learn(stream(100))
+    off.learn(stream(100))
+    assert on.learn(stream(40, 100)).replayed == 20
+    assert off.learn(stream(40, 100)).replayed == 0
+    res: Reservoir[int] = Reservoir(100, seed=1)
+    for i in range(10_000):
+        res.add(i)
+    assert len(res) == 100 and res.seen == 10_000
+    assert sum(1 for i in res.items if i < 5_000) in range(30, 71), "a uniform sample of all"
+
+
+def test_anchor_penalty_is_zero_at_the_anchor_and_grows_away(tiny_encoder) -> None:
+    learner = make(tiny_encoder, anchor_strength=1.0)
+    learner.learn(stream(100))
+    learner.mark_published()
+    assert float(learner._anchor_penalty()) == 0.0
+    penalties = []
+    for s in range(100, 400, 100):
+        learner.learn(stream(100, s))
+        penalties.append(float(learner._anchor_penalty()))
+    assert penalties[0] > 0
+    with torch.no_grad():
+        learner._dense[0].add_(1.0)
+    assert float(learner._anchor_penalty()) > penalties[-1]
+    off = make(tiny_encoder, anchor="none")
+    off.mark_published()
+    off.learn(stream(100))
+    assert float(off._anchor_penalty()) == 0.0
+
+
+def test_adaptive_lr_rises_on_drift_and_stays_fixed_when_off(tiny_encoder) -> None:
+    ada, fixed = make(tiny_encoder), make(tiny_encoder, adaptive_lr=False)
+    for s in range(0, 2000, 100):
+        ada.learn(stream(100, s))
+        fixed.learn(stream(100, s))
+    calm = ada.lr_scale
+    shuffled = [Interaction(f"x{k}", str((k * 7) % 30), 5e3 + k) for k in range(100)]
+    for _ in range(3):
+        ada.learn(shuffled)
+        stats = fixed.learn(shuffled)
+    assert ada.lr_scale > calm, "a loss jump means drift: learn faster"
+    assert stats.lr == fixed.cfg.lr
+
+
+def test_gate_refuses_garbage_and_rollback_restores_published(tiny_encoder) -> None:
+    learner = make(tiny_encoder)
+    learner.add_items([Item(f"x{i}", f"extra {i}") for i in range(300)])  # chance HR ~ 3%
+    for s in range(0, 1500, 100):
+        learner.learn(stream(100, s))
+    learner.mark_published()
+    published = {k: v.clone() for k, v in learner.state_tensors().items()}
+    with torch.no_grad():  # learning garbage: weights blown away
+        for p in learner._dense:
+            p.copy_(torch.randn_like(p) * 5)
+        learner.net.id_emb.copy_(torch.randn_like(learner.net.id_emb) * 5)
+    learner._scorer = None
+    for s in range(1500, 1800, 100):
+        learner.evaluate(stream(100, s))
+    decision = learner.gate()
+    assert not decision.publish and decision.reference > decision.hr, decision
+    learner.rollback()
+    for k, v in learner.state_tensors().items():
+        assert torch.equal(v, published[k]), k
+    for s in range(1800, 2100, 100):
+        learner.evaluate(stream(100, s))
+    assert learner.gate().publish, "the published weights pass against themselves"
+
+
+@pytest.mark.parametrize("policy", ["lora", "full"])
+def test_encoder_policies_train_the_encoder(tiny_encoder_path, policy) -> None:
+    from model.encoder import TextEncoder
+
+    cfg = ModelConfig(encoder_path=tiny_encoder_path, policy=policy, negatives=8)
+    learner = OnlineLearner(cfg, TextEncoder(tiny_encoder_path, policy=policy), device="cpu")
+    learner.add_items(ITEMS)
+    before = {k: v.clone() for k, v in learner.encoder.trainable_state().items()}
+    assert before, "the policy must expose encoder weights to publish"
+    learner.learn(stream(50))
+    after = learner.encoder.trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    if policy == "lora":
+        assert all("lora_" in k for k in before)
+
+
+def test_quality_smoke_incremental_beats_popularity_and_static(tiny_encoder) -> None:
+    """On a drifting synthetic stream, learning online must pay, in well under 60 s."""
+    from bench.baselines import Popularity
+    from freshrec.data import synthetic_stream
+
+    t0 = time.monotonic()
+    ds = synthetic_stream(n_users=200, n_items=150, n_events=12_000, drift_every=3_000, seed=1)
+    items = [Item(i.item_id, i.text) for i in ds.items]
+    events = [Interaction(e.user_id, e.item_id, e.ts) for e in ds.interactions]
+    warm, rest = events[:4000], events[4000:]
+    cfg = dict(encoder_path=tiny_encoder.path, negatives=32)
+    inc = OnlineLearner(ModelConfig(**cfg), copy.deepcopy(tiny_encoder), device="cpu")
+    static = OnlineLearner(ModelConfig(**cfg), copy.deepcopy(tiny_encoder), device="cpu")
+    pop = Popularity()
+    for model in (inc, static):
+        model.add_items(items)
+    pop.add_items(items)
+    for s in range(0, len(warm), 128):
+        inc.learn(warm[s:s + 128])
+        static.learn(warm[s:s + 128])
+        pop.learn(warm[s:s + 128])
+    hits = {"inc": [], "static": [], "pop": []}
+    for s in range(0, len(rest), 128):
+        batch = rest[s:s + 128]
+        hits["inc"] += inc.evaluate(batch)[0]
+        hits["static"] += static.evaluate(batch)[0]
+        histories = [static.history(e.user_id) for e in batch]  # same state as before the batch
+        ranked = pop.rank_batch(histories, 10, [set(h) for h in histories])
+        hits["pop"] += [1.0 if e.item_id in r else 0.0 for e, r in zip(batch, ranked, strict=True)]
+        inc.learn(batch)
+        static._observe(batch)  # the static model sees live histories but never learns
+        pop.learn(batch)
+    hr = {k: sum(v) / len(v) for k, v in hits.items()}
+    assert hr["inc"] > hr["static"] and hr["inc"] > hr["pop"], hr
+    assert time.monotonic() - t0 < 60
