@@ -177,7 +177,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        print("\nstopping ...")
+        print("\nstopping ...", flush=True)
         stack.stop()
     return 0
 
