@@ -88,6 +88,9 @@ class FeatureStore:
         found = self.items(list(dict.fromkeys(ids)))
         return [found[i] for i in dict.fromkeys(ids) if i in found], cursor + len(ids)
 
+    def items_log_length(self) -> int:
+        return int(self.r.llen(f"{self.ns}:items:log"))
+
     def text_features(self, encoder: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         if not ids:
             return {}

@@ -150,6 +150,17 @@ class WeightStore:
         raw = self.r.get(f"{self.ns}:v:{version}:manifest")
         return json.loads(raw) if raw is not None else None
 
+    def signature(self, version: int) -> str | None:
+        """The stored manifest's HMAC, unverified ("" if unreadable, None if absent): with the
+        number it tells two versions apart after a Redis without persistence restarted."""
+        raw = self.r.get(f"{self.ns}:v:{version}:manifest")
+        if raw is None:
+            return None
+        try:
+            return str(json.loads(raw).get("hmac", ""))
+        except (ValueError, AttributeError):
+            return ""
+
     def manifest(self, version: int) -> Manifest:
         """The verified manifest of a version."""
         raw = self._raw_manifest(version)

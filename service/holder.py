@@ -6,7 +6,6 @@ is atomic and never fails a request. Loading and verification happen on a backgr
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -104,15 +103,9 @@ class ModelHolder:
                 time.sleep(1.0)
 
     def _signature(self, version: int) -> str | None:
-        """The stored manifest's HMAC (None: no manifest). With the number, it identifies a
-        version: a Redis that lost its data (no persistence) hands the numbers out again."""
-        raw = self.weights.r.get(f"{self.weights.ns}:v:{version}:manifest")
-        if raw is None:
-            return None
-        try:
-            return str(json.loads(raw).get("hmac", ""))
-        except (ValueError, AttributeError):
-            return ""
+        """With the number, the stored manifest's HMAC identifies a version: a Redis that lost
+        its data (no persistence) hands the numbers out again."""
+        return self.weights.signature(version)
 
     def refresh(self) -> None:
         """One round: new catalog items, then a newer version if there is one."""
@@ -164,8 +157,7 @@ class ModelHolder:
 
     def _pull_catalog(self) -> bool:
         items, self._cursor = self.features.items_since(self._cursor)
-        if not items and self._cursor and \
-                self.features.r.llen(f"{self.features.ns}:items:log") < self._cursor:
+        if not items and self._cursor and self.features.items_log_length() < self._cursor:
             # The log is shorter than what we read: the store lost its data. Read it again,
             # or items defined from now on stay invisible until the log regrows past the cursor.
             log.warning("the catalog log shrank (did the store lose its data?); re-reading it")
