@@ -15,7 +15,8 @@ import torch
 from kafka.structs import TopicPartition
 from prometheus_client import start_http_server
 
-from consumers import metrics
+from consumers import metrics as transport_metrics
+from consumers import trainer_metrics as metrics
 from consumers.loop import Polled, Transport
 from consumers.settings import TrainerSettings
 from model.config import ModelConfig
@@ -30,6 +31,7 @@ from protocol.weights import WeightStore
 
 log = logging.getLogger("freshrec.trainer")
 PRODUCE_SAMPLE = 32  # produce timestamps per version kept for the freshness histogram
+RATE_WINDOW_S = 10.0  # events/s in a published manifest: trained events over this window
 
 
 @dataclass
@@ -62,6 +64,8 @@ class Trainer:
         self.published = 0
         self.window_hits: deque[float] = deque(maxlen=settings.quality_window)
         self.window_ndcg: deque[float] = deque(maxlen=settings.quality_window)
+        self.events_total = 0
+        self.rate_marks: deque[tuple[float, int]] = deque()  # (publish time, events_total)
 
     # ------------------------------------------------------------------ startup
     def bootstrap(self) -> None:
@@ -103,6 +107,8 @@ class Trainer:
         p = self.pending
         if p.events and (len(p.events) >= self.s.batch_max_events
                          or (now - p.opened) * 1000 >= self.s.batch_window_ms):
+            if not self.rate_marks:
+                self.rate_marks.append((p.opened, 0))  # the rate counts from the first event
             self.train(p.events)
             self.trained.update(p.offsets)
             self.pending = Pending()
@@ -130,6 +136,7 @@ class Trainer:
         metrics.LOSS.set(stats.loss)
         metrics.LR.set(stats.lr)
         self.unpublished_events += len(events)
+        self.events_total += len(events)
         self.newest_event_ts = max(self.newest_event_ts, max(e.ts for e in events))
         self.produce_ts.extend(src.timestamp_ms / 1000.0 for src, _ in batch)
 
@@ -164,6 +171,7 @@ class Trainer:
             "produced_ts": sorted(self.produce_ts)[::step][:PRODUCE_SAMPLE],
             "events": self.unpublished_events,
             "holdout_hr@10": decision.hr,
+            **self._live_numbers(now),
         }
         manifest = self.weights.publish(
             blob, parent=self.parent[0] if self.parent else None, kind=kind,
@@ -183,16 +191,38 @@ class Trainer:
         done, self.trained = self.trained, {}
         return done
 
+    def _live_numbers(self, now: float) -> dict[str, float | None]:
+        """What the API's status page shows of the trainer (it cannot scrape this process):
+        the online window's quality, the recent training rate, and records set aside."""
+        marks = self.rate_marks
+        marks.append((now, self.events_total))
+        while len(marks) > 2 and marks[1][0] <= now - RATE_WINDOW_S:
+            marks.popleft()  # keep one mark at or before the window's start as the anchor
+        (t0, n0), (t1, n1) = marks[0], marks[-1]
+        hits, ndcg = self.window_hits, self.window_ndcg
+        return {
+            "online_hr@10": sum(hits) / len(hits) if hits else None,
+            "online_ndcg@10": sum(ndcg) / len(ndcg) if ndcg else None,
+            "events_per_s": (n1 - n0) / (t1 - t0) if t1 > t0 else None,
+            "dlq": int(sum(s.value for m in transport_metrics.DLQ.collect() for s in m.samples
+                           if s.name.endswith("_total"))),
+        }
+
     def _reset_unpublished(self, now: float) -> None:
         self.unpublished_events = 0
         self.produce_ts = []
         self.last_publish = now
 
 
+def build_encoder(settings: TrainerSettings) -> TextEncoder:
+    """The trainer's text encoder (`freshrec up` builds the same one to pre-encode a catalog)."""
+    cfg = ModelConfig(encoder_path=settings.encoder_path, policy=settings.policy)
+    return TextEncoder(cfg.encoder_path, cfg.max_text_tokens, cfg.policy, cfg.lora_rank)
+
+
 def build_learner(settings: TrainerSettings) -> OnlineLearner:
     cfg = ModelConfig(encoder_path=settings.encoder_path, policy=settings.policy)
-    encoder = TextEncoder(cfg.encoder_path, cfg.max_text_tokens, cfg.policy, cfg.lora_rank)
-    return OnlineLearner(cfg, encoder, device=settings.device)
+    return OnlineLearner(cfg, build_encoder(settings), device=settings.device)
 
 
 def run(settings: TrainerSettings) -> None:

@@ -169,6 +169,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"try       curl '{base}/recommend?user_id=1&k=10'")
         if args.replay:
             _replay_into(args, env, stack, base, stopping)
+        print(f"status    {base}/  (live page; Ctrl-C stops everything)")
         while not stopping["flag"]:
             stack.check()
             _status_line(base)
@@ -182,15 +183,49 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status_line(base: str, prefix: str = "") -> str:
+def _live(base: str) -> dict[str, str] | None:
+    """Version, freshness and trainer rate from the API's GET /status, formatted (None: no
+    answer yet)."""
     try:
-        m = _get_json(f"{base}/model")
-    except OSError:
+        st = _get_json(f"{base}/status")
+        fresh, trainer = st["freshness_seconds"], st.get("trainer") or {}
+    except (OSError, ValueError, KeyError):
+        return None
+
+    def secs(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}s"
+
+    rate = trainer.get("events_per_s")
+    hr = trainer.get("online_hr@10")
+    return {"version": f"v{st['version']}", "fresh p50/p99": f"{secs(fresh['p50'])}/"
+            f"{secs(fresh['p99'])}", "ev/s": "-" if rate is None else f"{rate:.0f}",
+            "HR@10": "-" if hr is None else f"{hr:.3f}", "age": secs(st.get("age_seconds"))}
+
+
+def _status_line(base: str) -> str:
+    live = _live(base)
+    if live is None:
         return ""
-    line = (f"{prefix}model v{m['version']}  age {m.get('age_seconds') or 0:.1f}s  "
-            f"swaps {m['swaps']}  catalog {m['catalog_items']}")
+    line = "  ".join(f"{k} {v}" for k, v in live.items())
     print("\r" + line.ljust(100), end="", flush=True)
     return line
+
+
+def _encode_catalog(env: dict[str, str], items: list) -> None:  # noqa: ANN001
+    """Encode the catalog here, in view, into the shared text-feature memo in Redis, before the
+    items are sent: the trainer and the API then read every item's features from the memo
+    instead of encoding them out of sight (in their logs) while the replay already runs."""
+    import redis
+
+    from consumers.settings import TrainerSettings
+    from consumers.trainer import build_encoder
+    from protocol.features import FeatureStore, resolve_text_features
+
+    s = TrainerSettings(redis_url=env["FRESHREC_REDIS_URL"], namespace=env["FRESHREC_NAMESPACE"])
+    encoder = build_encoder(s)
+    store = FeatureStore(redis.Redis.from_url(s.redis_url), s.namespace)
+    print(f"catalog   {len(items)} item texts -> {encoder.identity} features (memoised in Redis)")
+    resolve_text_features(store, encoder, items, progress=True)
 
 
 def _replay_into(args: argparse.Namespace, env: dict[str, str], stack: Stack, base: str,
@@ -207,6 +242,7 @@ def _replay_into(args: argparse.Namespace, env: dict[str, str], stack: Stack, ba
     prod = producer(args.kafka)
     print(f"replay    {args.replay}: {len(ds.items)} items, then {len(ds.interactions)} events "
           f"at {args.rate:g}/s")
+    _encode_catalog(env, ds.items)
     send_items(prod, topic_c, ds.items)
     bar = tqdm(total=len(ds.interactions), unit="ev", desc="replay", dynamic_ncols=True)
     last = [0.0]
@@ -217,11 +253,9 @@ def _replay_into(args: argparse.Namespace, env: dict[str, str], stack: Stack, ba
         if now - last[0] > 2:
             last[0] = now
             stack.check()
-            try:
-                m = _get_json(f"{base}/model")
-                bar.set_postfix(version=m["version"], age=f"{m.get('age_seconds') or 0:.1f}s")
-            except OSError:
-                pass
+            live = _live(base)
+            if live is not None:
+                bar.set_postfix(live, refresh=False)
 
     replay_events(prod, topic_i, ds.interactions, args.rate, progress,
                   should_stop=lambda: stopping["flag"])

@@ -100,8 +100,8 @@ check "docker-compose config (--profile replay)" compose -f docker-compose.yml -
 check "docker-compose config (+ docker-compose.gpu.yml)" compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
 check "docker-compose refuses empty secrets" compose_refuses_missing_secrets
 check "hadolint Dockerfile" hadolint Dockerfile
-check "shellcheck scripts/check_deploy.sh deploy/redis/render-acl.sh" \
-  shellcheck scripts/check_deploy.sh deploy/redis/render-acl.sh
+check "shellcheck scripts/check_deploy.sh scripts/install_browser.sh deploy/redis/render-acl.sh" \
+  shellcheck scripts/check_deploy.sh scripts/install_browser.sh deploy/redis/render-acl.sh
 check "python -m json.tool deploy/grafana/dashboards/freshrec.json" \
   python -m json.tool deploy/grafana/dashboards/freshrec.json
 

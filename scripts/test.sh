@@ -11,5 +11,7 @@ echo "== ruff"
 ruff check model protocol consumers service freshrec bench tests
 echo "== deployment files"
 bash scripts/check_deploy.sh
+echo "== browser (status-page test)"
+bash scripts/install_browser.sh
 echo "== tests"
 python -m pytest -p no:cacheprovider "$@"

@@ -2,8 +2,14 @@
 
 One process per replica: scale out with more replicas (compose runs two), not with uvicorn
 workers, so each /metrics answer is the whole truth of its process and needs no multiprocess
-registry directory.
+registry directory. Never start the API with `uvicorn --workers N` (or WEB_CONCURRENCY > 1):
+each worker would keep its own registry and a scrape would see one worker at random.
+tests/test_metrics_processes.py holds the entry points to this.
 """
+
+from __future__ import annotations
+
+import math
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -21,3 +27,44 @@ SWAPS = Counter("freshrec_model_swaps", "Hot swaps to a new verified version.")
 SWAP_FAILURES = Counter("freshrec_model_swap_failures",
                         "Versions refused (the last good one kept serving).", ["reason"])
 VERSION = Gauge("freshrec_model_version", "The version being served (0 = none yet).")
+
+
+def histogram_quantile(q: float, hist: Histogram) -> float | None:
+    """The q-quantile of an unlabelled histogram since this process started, estimated the way
+    PromQL's histogram_quantile does: linear interpolation inside the bucket that holds it (the
+    first bucket starts at 0; a quantile in the +Inf bucket is the highest finite bound).
+    None before the first observation."""
+    bounds: list[tuple[float, float]] = []
+    for metric in hist.collect():
+        for s in metric.samples:
+            if s.name.endswith("_bucket"):
+                bounds.append((float(s.labels["le"]), s.value))
+    bounds.sort()
+    total = bounds[-1][1] if bounds else 0.0
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, cumulative in bounds:
+        if cumulative >= rank:
+            if math.isinf(upper):
+                return lower
+            inside = cumulative - below
+            return lower + (upper - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = upper, cumulative
+    return lower
+
+
+def histogram_count(hist: Histogram) -> int:
+    """Observations of an unlabelled histogram since this process started."""
+    return int(sum(s.value for m in hist.collect() for s in m.samples if s.name.endswith("_count")))
+
+
+def counter_total(counter: Counter) -> dict[tuple[str, ...], float]:
+    """A counter's values by label values (the empty tuple for an unlabelled one)."""
+    out: dict[tuple[str, ...], float] = {}
+    for metric in counter.collect():
+        for s in metric.samples:
+            if s.name.endswith("_total"):
+                out[tuple(s.labels.values())] = s.value
+    return out

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi.responses import FileResponse
 from kafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.events import Interaction, Item
 from protocol.topics import encode_interaction, encode_item
+from service import metrics
 from service.deps import Authorized, FeaturesDep, HolderDep, ProducerDep, SettingsDep, UserCacheDep
 from service.holder import Snapshot
 from service.schemas import Accepted, EventIn, ItemIn, ModelOut, RecommendIn, RecommendOut, Scored
 
 router = APIRouter()
+STATIC = Path(__file__).parent / "static"
+ASSETS = {"status.js": "text/javascript", "status.css": "text/css"}
+TRAINER_KEYS = ("events", "events_per_s", "online_hr@10", "online_ndcg@10", "holdout_hr@10", "dlq",
+                "newest_event_ts")
 
 
 def _rank(snap: Snapshot, features: FeaturesDep, history: list[str], exclude: set[str], k: int,
@@ -121,6 +128,54 @@ def model_info(holder: HolderDep) -> ModelOut:
                                          age_seconds=time.time() - m.created_at,
                                          encoder=m.encoder, trained_through=m.trained_through))
     return out
+
+
+@router.get("/status")
+def status(holder: HolderDep) -> dict[str, Any]:
+    """What the status page shows, computed here: this server's freshness quantiles (from its
+    own Prometheus histogram, since it started), its swaps and refusals, and the trainer's
+    numbers as of the served version (the trainer writes them into the manifest)."""
+    snap = holder.current
+    failures = {labels[0]: int(v) for labels, v in metrics.counter_total(metrics.SWAP_FAILURES)
+                .items() if v}
+    out: dict[str, Any] = {
+        "now": time.time(),
+        "version": snap.version,
+        "created_at": None,
+        "age_seconds": None,
+        "freshness_seconds": {
+            "count": metrics.histogram_count(metrics.FRESHNESS),
+            "p50": metrics.histogram_quantile(0.5, metrics.FRESHNESS),
+            "p99": metrics.histogram_quantile(0.99, metrics.FRESHNESS),
+        },
+        "swaps": holder.swaps,
+        "swap_failures": sum(failures.values()),
+        "swap_failures_by_reason": failures,
+        "catalog_items": len(snap.catalog),
+        "redis_ok": holder.redis_ok,
+        "trainer": None,
+    }
+    if snap.loaded is not None:
+        m = snap.loaded.manifest
+        through = m.trained_through
+        out.update(created_at=m.created_at, age_seconds=max(0.0, time.time() - m.created_at))
+        out["trainer"] = {k: through.get(k) for k in TRAINER_KEYS}
+    return out
+
+
+@router.get("/", include_in_schema=False)
+def status_page() -> FileResponse:
+    """The status page (plain HTML + JS from service/static; it polls /status)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/static/{name}", include_in_schema=False)
+def static_asset(name: str) -> FileResponse:
+    """The page's script and style sheet: a fixed list (no paths from the URL reach the disk),
+    and a route of its own so their requests are labelled in the latency metrics."""
+    if name not in ASSETS:
+        raise HTTPException(404, "no such file")
+    return FileResponse(STATIC / name, media_type=ASSETS[name])
 
 
 @router.get("/healthz")
