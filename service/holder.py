@@ -53,6 +53,8 @@ class ModelHolder:
         self.refused: dict[int, str] = {}  # version -> reason; never retried
         self._refused_sig: dict[int, str | None] = {}  # version -> HMAC of the refused manifest
         self.redis_ok = True
+        self._build_seconds = 0.0  # moving average of load + verify + build of one version
+        self._last_swap = 0.0
         self._catalog: dict[str, Item] = {}
         self._text: dict[str, np.ndarray] = {}
         self._cursor = 0
@@ -117,6 +119,9 @@ class ModelHolder:
         new = target is not None and not (target == cur.version and sig in (None, served))
         if new and target in self.refused and self._refused_sig.get(target) == sig:
             new = False  # refused once, never retried (unless the number now names another one)
+        if new and cur.loaded is not None and \
+                time.monotonic() - self._last_swap < 2 * self._build_seconds:
+            new = False  # a build costs CPU that requests need: at most half of one core on it
         if new:
             assert target is not None
             if target == cur.version:
@@ -125,6 +130,7 @@ class ModelHolder:
             # A delta may be applied onto what we serve only if that is still the stored version.
             have = (cur.loaded if cur.loaded is not None and target != cur.version
                     and self._signature(cur.version) == served else None)
+            t0 = time.monotonic()
             try:
                 loaded = self.weights.load(target, have=have)
                 scorer = self._build(loaded)
@@ -137,6 +143,8 @@ class ModelHolder:
                 log.error("refused version %s (%s); still serving %s", target, exc, cur.version)
                 return
             self.refused.pop(target, None)
+            self._build_seconds = 0.7 * self._build_seconds + 0.3 * (time.monotonic() - t0)
+            self._last_swap = time.monotonic()
             self._swap(Snapshot(target, loaded, scorer, dict(self._catalog)))
         elif catalog_changed and cur.loaded is not None:
             self.current = Snapshot(cur.version, cur.loaded, self._build(cur.loaded),
