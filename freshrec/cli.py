@@ -135,6 +135,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     env = {**os.environ, **_secrets(home), "FRESHREC_NAMESPACE": args.namespace,
            "PYTHONUNBUFFERED": "1"}
+    # leave a core to the API on small machines: the trainer's torch would take them all
+    env.setdefault("FRESHREC_TORCH_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
     try:
         host, port = services.split_hostport(args.kafka)
         fresh_broker = False

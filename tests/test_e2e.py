@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
 from kafka import KafkaProducer
@@ -64,7 +65,9 @@ def test_stream_trains_publishes_swaps_and_moves_ranking(stack_env, spawn, monke
             burst += [{"user_id": f"burst{n}", "item_id": Y, "ts": ts + 1000 + n},
                       {"user_id": f"burst{n}", "item_id": X, "ts": ts + 1000 + n + 0.5}]
         burst.append({"user_id": "probe", "item_id": Y, "ts": ts + 2000})
-        produce(env, "FRESHREC_TOPIC_INTERACTIONS", burst, "user_id")
+        for wave in range(0, len(burst), 30):  # a stream, not one batch: several AdamW steps
+            produce(env, "FRESHREC_TOPIC_INTERACTIONS", burst[wave:wave + 30], "user_id")
+            time.sleep(0.3)
 
         def trained_all() -> bool:
             model = client.get("/model").json()
