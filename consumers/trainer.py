@@ -72,7 +72,12 @@ class Trainer:
     # ------------------------------------------------------------------ startup
     def bootstrap(self) -> None:
         """Load the catalog from Redis and resume from the newest verified version, if any."""
-        items, _ = self.features.items_since(0)
+        items, cursor = self.features.items_since(0)
+        while True:  # the whole catalog, page by page
+            more, cursor = self.features.items_since(cursor)
+            if not more:
+                break
+            items += more
         latest = self.weights.current()
         if latest is not None:
             try:
