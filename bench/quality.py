@@ -34,7 +34,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,31 @@ def _end_warmup(model: StreamingRecommender) -> None:
 register("popularity", lambda catalog, cfg: Popularity())
 register("itemknn", lambda catalog, cfg: ItemKNN())
 register("river_mf", lambda catalog, cfg: RiverMF(seed=cfg.seed))
+
+NEURAL_METHODS = (
+    "incremental",
+    "incremental-no-replay",
+    "incremental-no-anchor",
+    "incremental-no-adaptive-lr",
+    "incremental-id-only",
+    "retrain",
+)
+
+
+def _neural(name: str) -> MethodFactory:
+    """A factory from bench/neural.py, imported on first use (it pulls in torch)."""
+
+    def factory(catalog: Sequence[Item], cfg: QualityConfig) -> StreamingRecommender:
+        from bench.neural import neural_factories
+
+        return neural_factories()[name](catalog, cfg)  # type: ignore[no-any-return]
+
+    return factory
+
+
+register("static", frozen_after_warmup(_neural("incremental")))
+for _name in NEURAL_METHODS:
+    register(_name, _neural(_name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +497,11 @@ def run_method(
     out: dict[str, Any] = {
         f"hr@{k}": overall[f"hr@{k}"],
         f"ndcg@{k}": overall[f"ndcg@{k}"],
-        "events_per_s": stream.events / stream.learn_s if stream.learn_s > 0 else None,
+        "events_per_s": (  # a frozen model learns nothing in the stream: no throughput
+            stream.events / stream.learn_s
+            if stream.learn_s > 0 and not isinstance(model, FrozenAfterWarmup)
+            else None
+        ),
         "wall_s": wall_s,
         "warmup_events_per_s": (
             len(split.train) * cfg.warmup_passes / warm_learn_s if warm_learn_s > 0 else None
@@ -482,6 +511,9 @@ def run_method(
         "windows": stream.windows,
         "forgetting": forgot,
     }
+    stats = getattr(model, "stats", None)
+    if callable(stats):
+        out["stats"] = stats()
     if cfg.loo:
         out["loo"] = leave_one_out(factory, dataset.items, events, cfg)
     return out
@@ -564,7 +596,7 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
     json_path, png_path = out / "quality.json", out / "quality.png"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     k = result["protocol"]["k"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for name, m in result["methods"].items():
         xs = [w["end"] for w in m["windows"]]
         ax.plot(xs, [w[f"hr@{k}"] for w in m["windows"]], marker="o", markersize=3, label=name)
@@ -572,7 +604,7 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
     ax.set_ylabel(f"HR@{k} per window of {result['protocol']['window']} events")
     ax.set_title(f"Prequential HR@{k} on {result['protocol']['dataset']}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the lines
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
@@ -598,6 +630,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-loo", action="store_true", help="skip the leave-one-out protocol")
+    parser.add_argument(
+        "--encoder", default="", help="HF AutoModel folder for the neural methods (default MiniLM)"
+    )
+    parser.add_argument(
+        "--policy", default="head", choices=("head", "lora", "full"),
+        help="trainable scope of the neural methods (lora/full re-encode the catalog each step)",
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=1,
+        help="torch intra-op threads for the neural methods (1: measured fastest on a shared "
+        "2-core CPU, where a second thread waits on a busy core)",
+    )
     args = parser.parse_args(argv)
 
     methods = (
@@ -613,6 +657,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
     except ValueError as exc:
         parser.error(str(exc))
+    if any(m in NEURAL_METHODS or m == "static" for m in methods):
+        import torch
+
+        torch.set_num_threads(max(1, args.torch_threads))
+        from bench import neural
+
+        neural.BASE_CONFIG = replace(
+            neural.BASE_CONFIG, encoder_path=args.encoder, policy=args.policy
+        )
     if args.synthetic:
         dataset = synthetic_stream(1000, 2000, args.events or 100_000, 20_000, args.seed)
     else:

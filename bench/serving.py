@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     logs = out / "serving-logs"
     logs.mkdir(exist_ok=True)
     procs = [start_tansu(kport, logs / "tansu.log")]
+    from protocol.topics import ensure_topics
+
+    ensure_topics(env["FRESHREC_KAFKA_BOOTSTRAP"], ["freshrec.interactions", "freshrec.items",
+                                                    "freshrec.dlq"], 4)
     t0 = time.monotonic()
     print(f"seeding {args.items:,} items ...", flush=True)
     seed_catalog(args.redis, ns, args.items)

@@ -85,7 +85,8 @@ class Trainer:
             except VerificationError as exc:
                 log.warning("newest version %s does not verify (%s); starting fresh", latest, exc)
             else:
-                if loaded.manifest.config.get("dim") == self.learner.cfg.dim and \
+                stored = ModelConfig.from_dict(loaded.manifest.config)
+                if stored.architecture() == self.learner.cfg.architecture() and \
                         loaded.manifest.encoder == self.learner.encoder.identity:
                     self.learner.load_tensors(loaded.tensors, loaded.item_ids)
                     self.learner.mark_published()

@@ -75,8 +75,10 @@ class OnlineLearner:
         self.texts: list[str] = []
         self.text = torch.zeros(0, self.encoder.dim, device=self.device)  # (N, H) cached features
         self.net = TwoTower(cfg, self.encoder.dim).to(self.device)
-        self.counts = np.zeros(0, dtype=np.float64)  # item popularity for the logQ correction
+        self.counts = np.zeros(0, dtype=np.float64)  # item popularity, all time
         self.total = 0.0
+        self.freq = np.zeros(0, dtype=np.float64)  # item frequency for the logQ correction,
+        self.freq_total = 0.0  # forgetting with cfg.logq_halflife (a stream's hot items move)
         self.histories: dict[str, deque[int]] = {}
         self.seen: dict[str, set[int]] = {}
         self.reservoir: Reservoir[Example] = Reservoir(cfg.replay_size, cfg.seed)
@@ -114,10 +116,15 @@ class OnlineLearner:
 
     def set_text_features(self, feats: dict[str, np.ndarray], texts: dict[str, str]) -> None:
         """Install text features computed elsewhere (e.g. cached in Redis) without re-encoding."""
-        for item_id, vec in feats.items():
+        if not feats:
+            return
+        rows = []
+        for item_id in feats:
             i = self._ensure(item_id)
             self.texts[i] = texts.get(item_id, self.texts[i])
-            self.text[i] = torch.from_numpy(np.asarray(vec, dtype=np.float32)).to(self.device)
+            rows.append(i)
+        matrix = np.stack([np.asarray(v, dtype=np.float32) for v in feats.values()])  # (n, H)
+        self.text[torch.tensor(rows, device=self.device)] = torch.from_numpy(matrix).to(self.device)
         self._scorer = None
 
     def _ensure(self, item_id: str) -> int:
@@ -134,6 +141,7 @@ class OnlineLearner:
             grown[: self.text.shape[0]] = self.text
             self.text = grown
             self.counts = np.concatenate([self.counts, np.zeros(cap - len(self.counts))])
+            self.freq = np.concatenate([self.freq, np.zeros(cap - len(self.freq))])
         return i
 
     def _sync_id_table(self) -> None:
@@ -175,12 +183,18 @@ class OnlineLearner:
             self.seen.setdefault(e.user_id, set()).add(target)
             self.counts[target] += 1
             self.total += 1
+            self.freq[target] += 1
+            self.freq_total += 1
         return out
 
     # ------------------------------------------------------------------ learning
     def learn(self, batch: Sequence[Interaction]) -> StepStats:
         """One micro-batch: fresh examples plus replayed ones, `steps_per_batch` AdamW steps."""
         t0 = time.perf_counter()
+        if self.cfg.logq_halflife > 0:
+            decay = 0.5 ** (len(batch) / self.cfg.logq_halflife)
+            self.freq *= decay
+            self.freq_total *= decay
         fresh = self._observe(batch)
         self._sync_id_table()
         n_replay = int(len(fresh) * self.cfg.replay_ratio) if self.cfg.replay else 0
@@ -220,8 +234,11 @@ class OnlineLearner:
             h_rows = inverse[: b * t].view(b, t)
             c_rows = inverse[b * t: b * t + len(cands)]
             mask = hist >= 0
-            users = self.net.user_vectors(vecs[h_rows] * mask.unsqueeze(-1), mask)  # (B, d)
-            logits = users.float() @ vecs[c_rows].float().T / cfg.temperature  # (B, C)
+            # index_select, not vecs[rows]: the backward of advanced indexing accumulates in a
+            # thread-dependent order on the CPU, which broke seeded determinism with 2 threads
+            h_vecs = vecs.index_select(0, h_rows.flatten()).view(b, t, -1)  # (B, T, d)
+            users = self.net.user_vectors(h_vecs * mask.unsqueeze(-1), mask)  # (B, d)
+            logits = users.float() @ vecs.index_select(0, c_rows).float().T / cfg.temperature
         is_pos = cands.unsqueeze(0) == pos.unsqueeze(1)  # (B, C)
         first = is_pos.float().argmax(dim=1)  # the positive's column (unique part comes first)
         other = is_pos.clone()
@@ -229,7 +246,7 @@ class OnlineLearner:
         if cfg.in_batch_negatives:
             # logQ correction: candidates come from a mixture of the batch's positives (by
             # popularity) and a uniform draw; subtract the log expected count of each under it.
-            p = torch.from_numpy(self.counts[cands.cpu().numpy()] / max(self.total, 1.0))
+            p = torch.from_numpy(self.freq[cands.cpu().numpy()] / max(self.freq_total, 1.0))
             logits = logits - torch.log(b * p.to(dev).float() + cfg.negatives / max(n, 1) + 1e-9)
         else:
             n_unique = len(cands) - cfg.negatives
@@ -309,11 +326,19 @@ class OnlineLearner:
             s.add(e.item_id)
         targets = [e.item_id for e in batch]
         hits, ndcgs = _hits(self.rank_batch(histories, k, excludes), targets)
+        self.observe_for_gate(histories, excludes, targets, hits, k)
+        return hits, ndcgs
+
+    def observe_for_gate(self, histories: Sequence[Sequence[str]],
+                         excludes: Sequence[Collection[str]], targets: Sequence[str],
+                         hits: Sequence[float], k: int = 10) -> None:
+        """Record the current weights' prequential `hits` on these cases and score the last
+        published weights on the same cases, for `gate()`. `evaluate` calls it; a caller that
+        already ranked the cases itself (the benchmark) calls it directly."""
         if self.cfg.gate and self._published_scorer is not None:
             ranked = self._published_scorer.rank_batch(histories, k, excludes)
             self._gate_published.extend(_hits([[i for i, _ in r] for r in ranked], targets)[0])
             self._gate_hits.extend(hits)
-        return hits, ndcgs
 
     # ------------------------------------------------------------------ publishing
     def gate(self) -> GateDecision:

@@ -24,7 +24,7 @@ class Scorer:
         with torch.no_grad():
             n_ids = net.id_emb.shape[0]
             idx = torch.arange(len(self.item_ids), device=text.device).clamp(max=max(n_ids - 1, 0))
-            vecs = net.adapter(text)
+            vecs = net.text_part(text)
             if net.cfg.id_embedding and n_ids:
                 known = torch.arange(len(self.item_ids), device=text.device) < n_ids
                 vecs = vecs + net.id_emb[idx] * known.unsqueeze(-1)

@@ -65,9 +65,15 @@ class TwoTower(nn.Module):
         self.user = UserTower(cfg)
         self.id_emb = nn.Parameter(torch.zeros(n_items, cfg.dim))  # zero: new items = text only
 
+    def text_part(self, text: torch.Tensor) -> torch.Tensor:
+        """text (N, H) -> (N, d): what the text contributes; nothing in an ID-only model."""
+        if self.cfg.text:
+            return self.adapter(text)
+        return text.new_zeros(text.shape[0], self.cfg.dim)
+
     def item_vectors(self, text: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         """text (N, H) features of items `idx` (N,) -> unit vectors (N, d). Sparse grads on IDs."""
-        v = self.adapter(text)
+        v = self.text_part(text)
         if self.cfg.id_embedding and idx is not None:
             v = v + F.embedding(idx, self.id_emb, sparse=True)
         return F.normalize(v, dim=-1)
@@ -77,10 +83,15 @@ class TwoTower(nn.Module):
         return F.normalize(self.user(hist, mask), dim=-1)
 
     def grow(self, n_items: int) -> None:
-        """Extend the ID table to `n_items` rows (new rows start at zero)."""
+        """Extend the ID table to `n_items` rows. New rows start at zero (a new item is its text)
+        or, in an ID-only model, small and random: a zero vector has no direction to rank by."""
         old = self.id_emb.data
         if n_items <= old.shape[0]:
             return
         new = torch.zeros(n_items, old.shape[1], dtype=old.dtype, device=old.device)
+        if not self.cfg.text:  # seeded by position, so runs stay deterministic
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + old.shape[0])
+            rows = torch.randn(n_items - old.shape[0], old.shape[1], generator=gen) * 0.1
+            new[old.shape[0]:] = rows.to(dtype=old.dtype, device=old.device)
         new[: old.shape[0]] = old
         self.id_emb = nn.Parameter(new)

@@ -17,6 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# One torch thread in the test process: on a 2-core machine shared with the broker, the
+# consumers and the API, two spinning intra-op threads slow small tensor work down many times.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -121,6 +126,7 @@ def stack_env(kafka_bootstrap: str, redis_url: str, namespace: str,
         "FRESHREC_FEATURES_METRICS_PORT": "0",
         "FRESHREC_TRAINER_METRICS_PORT": "0",
         "FRESHREC_DEVICE": "cpu",
+        "FRESHREC_TORCH_THREADS": "1",  # 2 threads on 2 busy cores can be 30x slower
     }
 
 

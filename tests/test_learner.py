@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,6 +23,16 @@ from model.serialization import (
 )
 
 ITEMS = [Item(str(i), f"item {i} {'red' if i % 2 else 'blue'} thing") for i in range(30)]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine the second thread waits on a taken core,
+    which made the smoke test below take 60 s instead of 2 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def stream(n: int, offset: int = 0) -> list[Interaction]:
@@ -44,7 +55,7 @@ def test_config_errors_are_sentences() -> None:
     with pytest.raises(ValueError, match="policy must be one of"):
         ModelConfig(policy="everything")
     with pytest.raises(ValueError, match="divisible"):
-        ModelConfig(dim=30, user_heads=4)
+        ModelConfig(dim=30, user_heads=4, user_layers=1)
 
 
 def test_learn_does_not_mutate_its_input(tiny_encoder) -> None:
@@ -56,6 +67,7 @@ def test_learn_does_not_mutate_its_input(tiny_encoder) -> None:
 
 
 def test_seeded_runs_are_deterministic(tiny_encoder) -> None:
+    torch.set_num_threads(2)  # multi-threaded kernels must not reorder sums (see learner._step)
     a, b = make(tiny_encoder, seed=3), make(tiny_encoder, seed=3)
     for s in range(0, 300, 50):
         a.learn(stream(50, s))
@@ -161,10 +173,10 @@ def test_adaptive_lr_rises_on_drift_and_stays_fixed_when_off(tiny_encoder) -> No
         ada.learn(stream(100, s))
         fixed.learn(stream(100, s))
     calm = ada.lr_scale
-    shuffled = [Interaction(f"x{k}", str((k * 7) % 30), 5e3 + k) for k in range(100)]
-    for _ in range(3):
-        ada.learn(shuffled)
-        stats = fixed.learn(shuffled)
+    for j in range(3):  # drift: the same users suddenly pick items off their usual walk
+        drifted = [Interaction(f"u{k}", str((k * 13 + 11 * j) % 30), 5e3 + k) for k in range(100)]
+        ada.learn(drifted)
+        stats = fixed.learn(drifted)
     assert ada.lr_scale > calm, "a loss jump means drift: learn faster"
     assert stats.lr == fixed.cfg.lr
 
@@ -176,9 +188,9 @@ def test_gate_refuses_garbage_and_rollback_restores_published(tiny_encoder) -> N
         learner.learn(stream(100, s))
     learner.mark_published()
     published = {k: v.clone() for k, v in learner.state_tensors().items()}
-    with torch.no_grad():  # learning garbage: weights blown away
+    with torch.no_grad():  # learning garbage: every item becomes a random vector
         for p in learner._dense:
-            p.copy_(torch.randn_like(p) * 5)
+            p.copy_(torch.randn_like(p) * 0.01)
         learner.net.id_emb.copy_(torch.randn_like(learner.net.id_emb) * 5)
     learner._scorer = None
     for s in range(1500, 1800, 100):
@@ -244,3 +256,43 @@ def test_quality_smoke_incremental_beats_popularity_and_static(tiny_encoder) -> 
     hr = {k: sum(v) / len(v) for k, v in hits.items()}
     assert hr["inc"] > hr["static"] and hr["inc"] > hr["pop"], hr
     assert time.monotonic() - t0 < 60
+
+
+def test_id_only_model_ignores_text(tiny_encoder) -> None:
+    """text=False: the ID-only ablation. Item vectors come from IDs alone, so two catalogs with
+    different texts rank alike, and new items start from small random IDs, not from zero."""
+    with pytest.raises(ValueError, match="text or an ID embedding"):
+        ModelConfig(text=False, id_embedding=False)
+    a = make(tiny_encoder, text=False, seed=5)
+    b = make(tiny_encoder, text=False, seed=5)
+    b.add_items([Item(i.item_id, f"completely different words {i.item_id}") for i in ITEMS])
+    adapter_before = a.state_tensors()["adapter.proj.weight"].clone()
+    for s in range(0, 200, 50):
+        a.learn(stream(50, s))
+        b.learn(stream(50, s))
+    hist = ["1", "2", "3"]
+    assert a.rank(hist, 10) == b.rank(hist, 10)
+    assert torch.equal(a.state_tensors()["adapter.proj.weight"], adapter_before), "text unused"
+    for learner in (a, make(tiny_encoder, seed=5)):
+        learner.add_items([Item("fresh", "item fresh red thing")])
+        learner.scorer()  # grows the ID table
+    assert torch.count_nonzero(a.net.id_emb[a.index["fresh"]]) > 0
+    assert torch.count_nonzero(learner.net.id_emb[learner.index["fresh"]]) == 0
+
+
+def test_logq_frequencies_forget_with_the_half_life(tiny_encoder) -> None:
+    """The logQ correction's item frequencies decay, so a new hot item is not over-corrected;
+    the all-time counts stay exact. logq_halflife=0 keeps the all-time behaviour."""
+    with pytest.raises(ValueError, match="logq_halflife"):
+        ModelConfig(logq_halflife=-1)
+    decayed, all_time = make(tiny_encoder, logq_halflife=100), make(tiny_encoder, logq_halflife=0)
+    old = [Interaction(f"a{k}", "1", float(k)) for k in range(100)]
+    new = [Interaction(f"b{k}", "2", 100.0 + k) for k in range(100)]
+    for learner in (decayed, all_time):
+        learner.learn(old)
+        learner.learn(new)
+    one, two = decayed.index["1"], decayed.index["2"]
+    assert decayed.counts[one] == decayed.counts[two] == 100 and decayed.total == 200
+    assert decayed.freq[one] == pytest.approx(50.0), "one half-life later, half the weight"
+    assert decayed.freq[two] == 100 and decayed.freq_total == pytest.approx(150.0)
+    assert all_time.freq[one] == all_time.freq[two] == 100 and all_time.freq_total == 200

@@ -1,0 +1,227 @@
+"""freshrec's own learner in the quality harness: static, incremental and its ablations, retrain.
+
+Every neural method wraps one `model.learner.OnlineLearner` behind the harness's interface:
+
+- `rank_batch` ranks with the histories and exclusions the harness gives (identical for every
+  method: the user's items before the event, earlier events of the same micro-batch included).
+- `learn(batch)` runs the trainer consumer's loop body (`consumers/trainer.py`): prequential
+  `evaluate` (which feeds the validation gate), then `learn`, and every `publish_every` batches
+  `gate()` -> `mark_published()` or `rollback()`. In the stream the harness has just ranked
+  that very batch with the current weights, so that ranking is reused as the evaluation (only
+  the published weights' ranking, which the gate needs, is computed in `learn`); in warm-up and
+  leave-one-out `learn` calls `evaluate` itself, as the trainer does. The harness always ranks
+  a batch before it calls `learn` on it, so the state that ranks never includes the event.
+- The learner keeps its own user histories, built from the events it learns; these are the
+  harness's histories minus the held-out warm-up events, which no method learns (item-KNN keeps
+  its own history the same way).
+
+The frozen MiniLM encodes the catalog once per process; every learner gets the same features
+(`set_text_features`), so only the `lora` / `full` policies, whose encoder trains, encode again.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from freshrec.data import Interaction, Item
+from model.config import ModelConfig
+from model.encoder import TextEncoder
+from model.learner import OnlineLearner
+
+__all__ = ["BASE_CONFIG", "BATCH_EVENTS", "PUBLISH_EVERY", "RETRAIN_EVERY", "NeuralRecommender", "Retrain",
+           "neural_factories"]
+
+BATCH_EVENTS = 256  # N: the trainer's batch_max_events; the harness's micro-batch must match
+PUBLISH_EVERY = 4  # P: batches per simulated publish (a publish per ~1,000 events)
+RETRAIN_EVERY = 5_000  # W: stream events between two from-scratch retrains (one per window)
+
+_ENCODERS: dict[tuple[str, int], TextEncoder] = {}
+_FEATURES: dict[tuple[str, int], dict[str, tuple[str, np.ndarray]]] = {}
+
+
+def shared_encoder(cfg: ModelConfig) -> TextEncoder:
+    """One frozen encoder per (path, max tokens) for the whole process (head policy only)."""
+    key = (cfg.encoder_path, cfg.max_text_tokens)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = TextEncoder(cfg.encoder_path, cfg.max_text_tokens, "head")
+    return _ENCODERS[key]
+
+
+def shared_features(cfg: ModelConfig, items: Sequence[Item]) -> dict[str, np.ndarray]:
+    """Frozen text features of `items`, encoding only texts this process has not encoded yet."""
+    key = (cfg.encoder_path, cfg.max_text_tokens)
+    cache = _FEATURES.setdefault(key, {})
+    todo = [it for it in items if it.item_id not in cache or cache[it.item_id][0] != it.text]
+    if todo:
+        vecs = shared_encoder(cfg).encode([it.text for it in todo])
+        for it, vec in zip(todo, vecs, strict=True):
+            cache[it.item_id] = (it.text, vec)
+    return {it.item_id: cache[it.item_id][1] for it in items}
+
+
+class NeuralRecommender:
+    """An `OnlineLearner` driven as the trainer consumer drives it (see the module docstring)."""
+
+    wants_user_ids = True  # only to check that a ranking was of the batch learned next
+
+    def __init__(self, cfg: ModelConfig, name: str = "incremental",
+                 publish_every: int | None = PUBLISH_EVERY) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.publish_every = publish_every
+        encoder = shared_encoder(cfg) if cfg.policy == "head" else None
+        self.learner = OnlineLearner(cfg, encoder, device="cpu")
+        self.batches = 0
+        self.publishes = self.refusals = 0
+        self.learner_s = 0.0  # time inside learner.learn alone (the harness times all of learn)
+        self.gate_s = 0.0  # time spent on the gate: scoring the published weights, publishing
+        self._ranked: tuple[list[str], list[Sequence[str]], list[Collection[str]],
+                            list[list[str]], int] | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NeuralRecommender:
+        if self.cfg.policy == "head":  # the frozen encoder is shared, never copied
+            memo[id(self.learner.encoder)] = self.learner.encoder
+        clone = copy.copy(self)
+        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
+        return clone
+
+    def add_items(self, items: Sequence[Item]) -> None:
+        """Head policy: install the shared features; lora/full: the learner encodes itself."""
+        if self.cfg.policy == "head":
+            self.learner.set_text_features(shared_features(self.cfg, items),
+                                           {it.item_id: it.text for it in items})
+        else:
+            self.learner.add_items(items)
+
+    def rank_batch(self, histories: Sequence[Sequence[str]], k: int,
+                   exclude: Sequence[Collection[str]],
+                   users: Sequence[str] | None = None) -> list[list[str]]:
+        """Top-k over the catalog from the harness's histories, with the weights as they are.
+
+        The cases are kept: if the batch learned next is this one (the prequential loop), they
+        are the trainer's `evaluate` of that batch, and feed the validation gate."""
+        ranked = self.learner.rank_batch(histories, k, exclude)
+        self._ranked = (list(users or ()), list(histories), list(exclude), ranked, k)
+        return ranked
+
+    def learn(self, batch: Sequence[Interaction]) -> None:
+        """The trainer's loop body: evaluate (feeds the gate), learn, publish every P batches."""
+        t0 = time.perf_counter()
+        if self.publish_every and self.cfg.gate:
+            users, histories, excludes, ranked, k = self._ranked or ([], [], [], [], 10)
+            if users != [e.user_id for e in batch]:  # not ranked just before: evaluate here
+                self.learner.evaluate(batch)
+            else:
+                targets = [e.item_id for e in batch]
+                hits = [1.0 if t in r[:k] else 0.0 for t, r in zip(targets, ranked, strict=True)]
+                self.learner.observe_for_gate(histories, excludes, targets, hits, k)
+        self._ranked = None
+        self.gate_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.learner.learn(batch)
+        self.learner_s += time.perf_counter() - t0
+        self.batches += 1
+        if self.publish_every and self.batches % self.publish_every == 0:
+            t0 = time.perf_counter()
+            if self.learner.gate().publish:
+                self.learner.mark_published()
+                self.publishes += 1
+            else:
+                self.learner.rollback()
+                self.refusals += 1
+            self.gate_s += time.perf_counter() - t0
+
+    def stats(self) -> dict[str, Any]:
+        """Extra numbers for quality.json."""
+        return {"batches": self.batches, "publishes": self.publishes,
+                "gate_refusals": self.refusals, "learner_s": self.learner_s,
+                "gate_s": self.gate_s,
+                "publish_every_batches": self.publish_every}
+
+
+class Retrain:
+    """freshrec retrained from scratch on every event so far, each `every` stream events.
+
+    Until `end_warmup` it is a plain incremental learner (the harness's warm-up, and leave-one-out
+    where a retrain from scratch on the training events is exactly one pass of that); afterwards
+    it only buffers events between retrains, so its rankings are stale by up to `every` events.
+    """
+
+    wants_user_ids = False
+
+    def __init__(self, cfg: ModelConfig, every: int | None = None, passes: int = 1) -> None:
+        self.name = "retrain"
+        self.cfg, self.every, self.passes = cfg, every or RETRAIN_EVERY, passes
+        self.items: list[Item] = []
+        self.events: list[Interaction] = []
+        self.pending = 0
+        self.streaming = False
+        self.retrains = 0
+        self.model = self._fresh()
+
+    def _fresh(self) -> NeuralRecommender:
+        model = NeuralRecommender(self.cfg, "retrain", publish_every=None)
+        if self.items:
+            model.add_items(self.items)
+        return model
+
+    def add_items(self, items: Sequence[Item]) -> None:
+        """Remembered for every retrain."""
+        self.items.extend(items)
+        self.model.add_items(items)
+
+    def end_warmup(self) -> None:
+        """From now on: buffer, and retrain from scratch every `every` events."""
+        self.streaming = True
+
+    def learn(self, batch: Sequence[Interaction]) -> None:
+        """Warm-up: learn; stream: buffer, and retrain when `every` events have arrived."""
+        self.events.extend(batch)
+        if not self.streaming:
+            self.model.learn(batch)
+            return
+        self.pending += len(batch)
+        if self.pending >= self.every:
+            self.pending = 0
+            self.retrains += 1
+            self.model = self._fresh()
+            for _ in range(self.passes):
+                for start in range(0, len(self.events), BATCH_EVENTS):
+                    self.model.learn(self.events[start:start + BATCH_EVENTS])
+
+    def rank_batch(self, histories: Sequence[Sequence[str]], k: int,
+                   exclude: Sequence[Collection[str]]) -> list[list[str]]:
+        """Ranked by the latest retrained model."""
+        return self.model.rank_batch(histories, k, exclude)
+
+    def stats(self) -> dict[str, Any]:
+        """Extra numbers for quality.json."""
+        return {"retrain_every_events": self.every, "retrains": self.retrains}
+
+
+BASE_CONFIG = ModelConfig()  # what every neural method starts from; `--encoder` replaces it
+
+
+def neural_factories(base: ModelConfig | None = None) -> dict[str, Any]:
+    """name -> factory(catalog, quality_config) for every neural method, from one base config."""
+    base = base or BASE_CONFIG
+
+    def make(name: str, **overrides: Any):  # noqa: ANN202
+        cfg = replace(base, **overrides)
+        return lambda catalog, qcfg: NeuralRecommender(replace(cfg, seed=qcfg.seed), name)
+
+    return {
+        "incremental": make("incremental"),
+        "incremental-no-replay": make("incremental-no-replay", replay=False),
+        "incremental-no-anchor": make("incremental-no-anchor", anchor="none"),
+        "incremental-no-adaptive-lr": make("incremental-no-adaptive-lr", adaptive_lr=False),
+        "incremental-id-only": make("incremental-id-only", text=False, id_embedding=True),
+        "retrain": lambda catalog, qcfg: Retrain(replace(base, seed=qcfg.seed),
+                                                 passes=max(1, qcfg.warmup_passes)),
+    }
