@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, stop_process
 
 
 def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -57,13 +57,7 @@ class ApiServer:
         raise AssertionError(f"uvicorn did not answer within {timeout:.0f} s:\n{self.output()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
         self._fh.close()
 
 

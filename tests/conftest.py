@@ -130,6 +130,31 @@ def stack_env(kafka_bootstrap: str, redis_url: str, namespace: str,
     }
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> int | None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def produce(env: dict[str, str], topic_var: str, records: list[dict], key: str) -> None:
+    """Send JSON records to the topic named by env[topic_var], keyed by record[key]."""
+    import json
+
+    from kafka import KafkaProducer
+
+    prod = KafkaProducer(bootstrap_servers=env["FRESHREC_KAFKA_BOOTSTRAP"])
+    for r in records:
+        prod.send(env[topic_var], key=str(r[key]).encode(), value=json.dumps(r).encode())
+    prod.flush()
+    prod.close()
+
+
 class Proc:
     """A consumer process under test, with its output kept for failure messages."""
 
@@ -143,15 +168,9 @@ class Proc:
         return self.log.read_text(errors="replace")[-4000:]
 
     def stop(self) -> int | None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        code = stop_process(self.p)
         self._fh.close()
-        return self.p.returncode
+        return code
 
 
 @pytest.fixture

@@ -3,27 +3,17 @@ server swaps -> the ranking moved the way the events say it should."""
 
 from __future__ import annotations
 
-import json
 import random
 import time
 
 import pytest
-from kafka import KafkaProducer
 
-from tests.conftest import wait_for
+from tests.conftest import produce, wait_for
 
 pytestmark = pytest.mark.integration
 
 N_ITEMS = 40
 X, Y = "7", "3"  # the burst: users click X right after Y
-
-
-def produce(env: dict[str, str], topic_var: str, records: list[dict], key: str) -> None:
-    prod = KafkaProducer(bootstrap_servers=env["FRESHREC_KAFKA_BOOTSTRAP"])
-    for r in records:
-        prod.send(env[topic_var], key=str(r[key]).encode(), value=json.dumps(r).encode())
-    prod.flush()
-    prod.close()
 
 
 def rank_of(client, item: str, history: list[str]) -> tuple[int, int]:  # noqa: ANN001

@@ -17,10 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kafka import KafkaProducer
 
 from tests.api_server import ApiServer, get, get_json
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, produce, stop_process, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,14 +28,6 @@ N_EVENTS = 300
 # Both consumers import consumers.metrics, so the features process exports this gauge too (and
 # it stays 0 there): the trainer's is the one that means something.
 HR = 'freshrec_online_hr_at_10{job="freshrec-trainer"}'
-
-
-def produce(env: dict[str, str], topic_var: str, records: list[dict], key: str) -> None:
-    prod = KafkaProducer(bootstrap_servers=env["FRESHREC_KAFKA_BOOTSTRAP"])
-    for r in records:
-        prod.send(env[topic_var], key=str(r[key]).encode(), value=json.dumps(r).encode())
-    prod.flush()
-    prod.close()
 
 
 class Prometheus:
@@ -70,13 +61,7 @@ class Prometheus:
         return reply.get("data", {}).get("result", [])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
         self._fh.close()
 
 
