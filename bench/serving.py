@@ -98,7 +98,8 @@ class Producer(threading.Thread):
 
         self.p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
         self.topic, self.rate, self.count = topic, rate, count
-        self.items = np.minimum(np.random.default_rng(1).zipf(1.3, size=count), n_items) - 1
+        pool = min(count, 1_000_000)  # cycled: never allocate per-event draws for huge counts
+        self.items = np.minimum(np.random.default_rng(1).zipf(1.3, size=pool), n_items) - 1
         self.sent = 0
         self.stop = threading.Event()
 
@@ -113,7 +114,8 @@ class Producer(threading.Thread):
                 if delay > 0:
                     time.sleep(delay)
             user = f"u{rng.randrange(10_000)}"
-            body = {"user_id": user, "item_id": str(int(self.items[n])), "event": "click",
+            body = {"user_id": user, "item_id": str(int(self.items[n % len(self.items)])),
+                    "event": "click",
                     "ts": time.time()}
             self.p.send(self.topic, key=user.encode(), value=json.dumps(body).encode())
             self.sent += 1
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ns = f"bench-{uuid.uuid4().hex[:8]}"
     kport, aport, tport = _free_port(), _free_port(), _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FRESHREC_NAMESPACE": ns,
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "FRESHREC_NAMESPACE": ns,
            "FRESHREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{kport}", "FRESHREC_REDIS_URL": args.redis,
            "FRESHREC_HMAC_KEY": uuid.uuid4().hex, "FRESHREC_TRAINER_METRICS_PORT": str(tport),
            "FRESHREC_FEATURES_METRICS_PORT": "0", "FRESHREC_DEVICE": "cpu",
