@@ -198,8 +198,8 @@ class ModelHolder:
         check_tensors(loaded.tensors, expected, len(loaded.item_ids))
         net.load_state_dict(loaded.tensors)
         net.eval()
-        ids = list(loaded.item_ids) + [i for i in self._catalog if i not in
-                                       set(loaded.item_ids)]
+        known = set(loaded.item_ids)
+        ids = list(loaded.item_ids) + [i for i in self._catalog if i not in known]
         zero = np.zeros(self.encoder.dim, dtype=np.float32)
         text = torch.from_numpy(np.stack([self._text.get(i, zero) for i in ids])
                                 if ids else np.zeros((0, self.encoder.dim), np.float32))
