@@ -61,6 +61,7 @@ class ModelHolder:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-holder", daemon=True)
+        self._listener = threading.Thread(target=self._listen, name="model-notices", daemon=True)
         metrics.MODEL_AGE.set_function(self._age)
 
     def _age(self) -> float:
@@ -73,12 +74,13 @@ class ModelHolder:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=30)  # a build over a large catalog takes a while
+        if self._listener.is_alive():
+            self._listener.join(timeout=5)
 
     # ------------------------------------------------------------------ background loop
     def _run(self) -> None:
-        listener = threading.Thread(target=self._listen, name="model-notices", daemon=True)
-        listener.start()
+        self._listener.start()
         while not self._stop.is_set():
             try:
                 self.refresh()

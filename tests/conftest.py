@@ -197,3 +197,23 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):  # no
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+_exit_status = {"code": 0}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _exit_status["code"] = int(exitstatus)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave without interpreter finalisation once every result is reported.
+
+    Daemon threads of libraries under test (kafka-python's IO loops, a holder thread finishing
+    a build) can still be inside libtorch when CPython tears down; libtorch then aborts with
+    "terminate called without an active exception" after a fully green run. The exit status is
+    pytest's own, so a failing test still fails the run.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status["code"])
