@@ -87,13 +87,19 @@ def _send(producer: ProducerDep, topic: str, records: list[tuple[bytes, bytes]])
         raise HTTPException(503, f"Kafka is unavailable, nothing was accepted: {exc}") from exc
 
 
+def _as_batch(body: object, what: str) -> list:
+    """One record or a list of them, bounded to 1..1,000 per request."""
+    batch = body if isinstance(body, list) else [body]
+    if not 1 <= len(batch) <= 1000:
+        raise HTTPException(422, f"send between 1 and 1,000 {what} per request")
+    return batch
+
+
 @router.post("/events", status_code=202, response_model=Accepted, dependencies=[Authorized])
 def post_events(body: EventIn | list[EventIn], settings: SettingsDep,
                 producer: ProducerDep) -> Accepted:
     """One event or a list (at most 1,000) to the interactions topic, keyed by user id."""
-    events = body if isinstance(body, list) else [body]
-    if not 1 <= len(events) <= 1000:
-        raise HTTPException(422, "send between 1 and 1,000 events per request")
+    events = _as_batch(body, "events")
     records = []
     for e in events:
         extra = e.model_extra or {}
@@ -107,9 +113,7 @@ def post_events(body: EventIn | list[EventIn], settings: SettingsDep,
 def post_items(body: ItemIn | list[ItemIn], settings: SettingsDep,
                producer: ProducerDep) -> Accepted:
     """Catalog items to the items topic; servers pick them up within a poll interval."""
-    items = body if isinstance(body, list) else [body]
-    if not 1 <= len(items) <= 1000:
-        raise HTTPException(422, "send between 1 and 1,000 items per request")
+    items = _as_batch(body, "items")
     records = [(i.item_id.encode(), encode_item(Item(i.item_id, i.text, i.model_extra or {})))
                for i in items]
     _send(producer, settings.topic_items, records)
