@@ -71,13 +71,20 @@ class NeuralRecommender:
     wants_user_ids = True  # only to check that a ranking was of the batch learned next
 
     def __init__(self, cfg: ModelConfig, name: str = "incremental",
-                 publish_every: int | None = PUBLISH_EVERY) -> None:
+                 publish_every: int | None = PUBLISH_EVERY, rate: float | None = None,
+                 publish_interval_s: float = 0.25) -> None:
         self.name = name
         self.cfg = cfg
         self.publish_every = publish_every
+        # with a rate, publish as the trainer does: after a batch, if publish_interval_s of the
+        # arrival clock (events learned / rate) passed since the last publish
+        self.rate, self.publish_interval_s = rate, publish_interval_s
+        self.events = 0
+        self._published_at = 0.0
         encoder = shared_encoder(cfg) if cfg.policy == "head" else None
         self.learner = OnlineLearner(cfg, encoder, device="cpu")
         self.batches = 0
+        self.streaming = False
         self.publishes = self.refusals = 0
         self.learner_s = 0.0  # time inside learner.learn alone (the harness times all of learn)
         self.gate_s = 0.0  # time spent on the gate: scoring the published weights, publishing
@@ -127,7 +134,8 @@ class NeuralRecommender:
         self.learner.learn(batch)
         self.learner_s += time.perf_counter() - t0
         self.batches += 1
-        if self.publish_every and self.batches % self.publish_every == 0:
+        self.events += len(batch)
+        if self._publish_due():
             t0 = time.perf_counter()
             if self.learner.gate().publish:
                 self.learner.mark_published()
@@ -136,6 +144,22 @@ class NeuralRecommender:
                 self.learner.rollback()
                 self.refusals += 1
             self.gate_s += time.perf_counter() - t0
+
+    def _publish_due(self) -> bool:
+        if not self.publish_every:
+            return False
+        if self.rate is None or not self.streaming:
+            return self.batches % self.publish_every == 0
+        now = self.events / self.rate
+        if now - self._published_at < self.publish_interval_s:
+            return False
+        self._published_at = now
+        return True
+
+    def end_warmup(self) -> None:
+        """The stream starts: from now on batches arrive on the rate's clock."""
+        self.streaming = True
+        self.events, self._published_at = 0, 0.0
 
     def stats(self) -> dict[str, Any]:
         """Extra numbers for quality.json."""
@@ -214,7 +238,9 @@ def neural_factories(base: ModelConfig | None = None) -> dict[str, Any]:
 
     def make(name: str, **overrides: Any):  # noqa: ANN202
         cfg = replace(base, **overrides)
-        return lambda catalog, qcfg: NeuralRecommender(replace(cfg, seed=qcfg.seed), name)
+        return lambda catalog, qcfg: NeuralRecommender(
+            replace(cfg, seed=qcfg.seed), name, rate=qcfg.rate,
+            publish_interval_s=qcfg.publish_interval_s)
 
     return {
         "incremental": make("incremental"),

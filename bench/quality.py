@@ -40,6 +40,7 @@ from typing import Any
 
 from bench.baselines import ItemKNN, Popularity, RiverMF, StreamingRecommender
 from freshrec.data import Dataset, Interaction, Item, load_movielens, ml100k_dir, synthetic_stream
+from model.batching import BatchPolicy, arrival_batches
 
 __all__ = [
     "METHODS",
@@ -78,6 +79,13 @@ class QualityConfig:
     eval_batch: int = 512  # users per rank_batch call outside the stream
     seed: int = 0  # passed on to methods that sample
     loo: bool = True  # run the leave-one-out protocol too
+    # Stream events arriving evenly at this rate (events/s): micro-batches then close as the
+    # live trainer closes them (`model.batching`: batch_size events or batch_window_s after the
+    # first), and the neural methods publish at most every publish_interval_s of that clock.
+    # None: fixed micro-batches of batch_size, a publish every 4 of them.
+    rate: float | None = None
+    batch_window_s: float = BatchPolicy.window_s
+    publish_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
         if not 0.0 < self.warmup_frac < 1.0:
@@ -89,6 +97,8 @@ class QualityConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_passes < 0 or self.loo_passes < 0:
             raise ValueError("warmup_passes and loo_passes must be >= 0")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError(f"rate must be positive events/s, got {self.rate}")
         if self.events is not None and self.events < 2:
             raise ValueError(f"events must be at least 2, got {self.events}")
 
@@ -253,6 +263,14 @@ def _batches(events: Sequence[Interaction], size: int) -> Iterator[Sequence[Inte
         yield events[start : start + size]
 
 
+def _stream_batches(events: Sequence[Interaction], cfg: QualityConfig
+                   ) -> Iterator[Sequence[Interaction]]:
+    """The stream's micro-batches: fixed-size, or as the live trainer closes them at `cfg.rate`."""
+    if cfg.rate is None:
+        return _batches(events, cfg.batch_size)
+    return arrival_batches(events, cfg.rate, BatchPolicy(cfg.batch_size, cfg.batch_window_s))
+
+
 class _Histories:
     """Every user's items so far, in event order."""
 
@@ -354,7 +372,7 @@ def prequential(
     window = Scores()
     window_start = 0
     k = cfg.k
-    for batch in _batches(split.stream, cfg.batch_size):
+    for batch in _stream_batches(split.stream, cfg):
         cases = []
         for event in batch:
             cases.append(hist.case(event))
@@ -625,7 +643,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--synthetic", action="store_true", help="use the synthetic drifting stream"
     )
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="events per micro-batch (with --rate: the most per micro-batch)")
+    parser.add_argument(
+        "--rate", type=float, default=None,
+        help="stream events/s: micro-batches close as the live trainer closes them at this rate "
+        "(--batch-size events or --batch-window-ms after the first); default: fixed batches",
+    )
+    parser.add_argument("--batch-window-ms", type=float, default=1000 * BatchPolicy.window_s)
+    parser.add_argument(
+        "--small-batch", default=None, choices=("pad", "scale", "none"),
+        help="how the neural methods learn a micro-batch under step_events (default: the model's)",
+    )
     parser.add_argument("--warmup-passes", type=int, default=1)
     parser.add_argument("--window", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
@@ -653,7 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = QualityConfig(
             events=args.events, batch_size=args.batch_size, warmup_passes=args.warmup_passes,
-            window=args.window, seed=args.seed, loo=not args.no_loo,
+            window=args.window, seed=args.seed, loo=not args.no_loo, rate=args.rate,
+            batch_window_s=args.batch_window_ms / 1000,
         )  # fmt: skip
     except ValueError as exc:
         parser.error(str(exc))
@@ -664,7 +694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench import neural
 
         neural.BASE_CONFIG = replace(
-            neural.BASE_CONFIG, encoder_path=args.encoder, policy=args.policy
+            neural.BASE_CONFIG, encoder_path=args.encoder, policy=args.policy,
+            small_batch=args.small_batch or neural.BASE_CONFIG.small_batch,
         )
     if args.synthetic:
         dataset = synthetic_stream(1000, 2000, args.events or 100_000, 20_000, args.seed)

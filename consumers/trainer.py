@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import redis
 import torch
@@ -19,6 +19,7 @@ from consumers import metrics as transport_metrics
 from consumers import trainer_metrics as metrics
 from consumers.loop import Polled, Transport
 from consumers.settings import TrainerSettings
+from model.batching import BatchPolicy, MicroBatcher
 from model.config import ModelConfig
 from model.encoder import TextEncoder
 from model.events import Interaction, Item
@@ -34,15 +35,6 @@ PRODUCE_SAMPLE = 32  # produce timestamps per version kept for the freshness his
 RATE_WINDOW_S = 10.0  # events/s in a published manifest: trained events over this window
 
 
-@dataclass
-class Pending:
-    """Events polled but not trained yet, and what training them will let us commit."""
-
-    events: list[tuple[Source, Interaction]] = field(default_factory=list)
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)
-    opened: float = 0.0  # monotonic time of the first event (the window starts there)
-
-
 class Trainer:
     """The logic, apart from the transport: feed it polls, it learns and publishes."""
 
@@ -52,7 +44,12 @@ class Trainer:
         self.learner = learner
         self.weights = weights
         self.features = features
-        self.pending = Pending()
+        # events polled but not learned yet: a micro-batch closes by size or by time (the same
+        # rule the benchmark simulates), and the learner sizes each step to its share of events
+        self.batcher: MicroBatcher[tuple[Source, Interaction]] = MicroBatcher(
+            BatchPolicy(settings.batch_max_events, settings.batch_window_ms / 1000))
+        self.pending_offsets: dict[TopicPartition, int] = {}  # what learning the batch covers
+        self.pending_items: list[Item] = []  # polled items not in the learner yet
         self.trained: dict[TopicPartition, int] = {}  # offsets trained but not yet published
         self.through: dict[str, int] = {}  # every partition's offset covered by published weights
         self.unpublished_events = 0
@@ -106,24 +103,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop body
     def on_poll(self, polled: Polled, now: float) -> dict[TopicPartition, int]:
-        """Handle one poll. Returns the offsets that may be committed now (maybe none)."""
-        self.add_items([item for _, item in polled.items])
-        if polled.interactions and not self.pending.events:
-            self.pending.opened = now
-        self.pending.events.extend(polled.interactions)
-        self.pending.offsets.update(polled.offsets)
-        p = self.pending
-        if p.events and (len(p.events) >= self.s.batch_max_events
-                         or (now - p.opened) * 1000 >= self.s.batch_window_ms):
+        """Handle one poll. Returns the offsets that may be committed now (maybe none).
+
+        The poll is recorded before anything that can fail (Redis): a caller that retries with
+        an empty poll after an error loses nothing, and its offsets are never committed early.
+        """
+        self.batcher.add(polled.interactions, now)
+        self.pending_offsets.update(polled.offsets)
+        self.pending_items.extend(item for _, item in polled.items)
+        if self.pending_items:
+            self.add_items(self.pending_items)
+            self.pending_items = []
+        if self.batcher.due(now):
             if not self.rate_marks:
-                self.rate_marks.append((p.opened, 0))  # the rate counts from the first event
-            self.train(p.events)
-            self.trained.update(p.offsets)
-            self.pending = Pending()
-        elif not p.events and p.offsets and not self.unpublished_events:
+                self.rate_marks.append((self.batcher.opened, 0))  # rate counts from 1st event
+            self.train(self.batcher.take())
+            self.trained.update(self.pending_offsets)
+            self.pending_offsets = {}
+        elif not len(self.batcher) and self.pending_offsets and not self.unpublished_events:
             # only items or invalid records since the last publish: nothing to wait for
-            self.trained.update(p.offsets)
-            self.pending = Pending()
+            self.trained.update(self.pending_offsets)
+            self.pending_offsets = {}
             done, self.trained = self.trained, {}
             return done
         if self.unpublished_events and (now - self.last_publish) * 1000 >= self.s.publish_interval_ms:

@@ -12,6 +12,7 @@ Every item's text has one format, whatever the source: ``"Title (year). Genres: 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ __all__ = [
     "Interaction",
     "Item",
     "event_sort_key",
+    "hash_ties",
     "item_text",
     "load_movielens",
     "ml100k_dir",
@@ -72,6 +74,22 @@ def event_sort_key(event: Interaction) -> tuple:
     the order of most same-second events; fixing it makes every run see the same stream.
     """
     return (event.ts, _id_key(event.user_id), _id_key(event.item_id))
+
+
+def hash_ties(events: Sequence[Interaction], seed: int = 0) -> list[Interaction]:
+    """`events` in time order with each user's same-second events ordered by a seeded hash.
+
+    MovieLens stores bulk ratings under one timestamp; ordering them by item id (the canonical
+    order) makes the next item's id larger than the previous one's, which a model reading the
+    newest item learns and item-kNN cannot. A hash of (seed, user, item) breaks the tie without
+    that signal; several seeds give several equally valid streams.
+    """
+    def key(e: Interaction) -> tuple:
+        digest = hashlib.blake2b(f"{seed}\0{e.user_id}\0{e.item_id}".encode(),
+                                 digest_size=8).digest()
+        return (e.ts, _id_key(e.user_id), digest)
+
+    return sorted(events, key=key)
 
 
 def item_text(title: str, year: int | None, genres: Iterable[str]) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 POLICIES = ("head", "lora", "full")
 ANCHORS = ("l2sp", "none")
+SMALL_BATCH = ("pad", "scale", "none")
 
 
 @dataclass
@@ -46,6 +47,16 @@ class ModelConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay (dense params only)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     steps_per_batch: int = 1  # AdamW steps per micro-batch
+    # A step is sized for this many fresh examples. Adam moves the weights by about lr per step
+    # whatever the batch holds, so a live trainer stepping on every small micro-batch (events
+    # arrive slowly) would learn each event many times harder than one stepping on full batches.
+    # small_batch decides what a micro-batch smaller than step_events gets:
+    #   "pad":   the newest already-learned examples fill it up to step_events, and the lr is
+    #            scaled by its fresh share n/step_events (same per-event update, full-size batch)
+    #   "scale": only the lr is scaled by n/step_events
+    #   "none":  one full-lr step whatever its size (the behaviour before: hurt live learning)
+    step_events: int = 256
+    small_batch: str = "pad"
     # --- continual-learning safeguards (each is a switch, see bench/RESULTS.md) ---
     replay: bool = True  # mix past events from a reservoir into each micro-batch
     replay_size: int = 20_000  # reservoir capacity (events)
@@ -64,6 +75,10 @@ class ModelConfig:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.small_batch not in SMALL_BATCH:
+            raise ValueError(f"small_batch must be one of {SMALL_BATCH}, got {self.small_batch!r}")
+        if self.step_events < 1:
+            raise ValueError(f"step_events must be at least 1, got {self.step_events}")
         if not (self.text or self.id_embedding):
             raise ValueError("an item needs text or an ID embedding: text and id_embedding "
                              "cannot both be off")

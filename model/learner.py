@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Collection, Iterable, Sequence
@@ -82,6 +83,8 @@ class OnlineLearner:
         self.histories: dict[str, deque[int]] = {}
         self.seen: dict[str, set[int]] = {}
         self.reservoir: Reservoir[Example] = Reservoir(cfg.replay_size, cfg.seed)
+        self._recent: deque[Example] = deque(maxlen=cfg.step_events)  # newest learned examples
+        self._rng = random.Random(cfg.seed)
         self._dense = [p for n, p in self.net.named_parameters() if n != "id_emb"]
         self._dense += [p for p in self.encoder.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self._dense, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -189,27 +192,54 @@ class OnlineLearner:
 
     # ------------------------------------------------------------------ learning
     def learn(self, batch: Sequence[Interaction]) -> StepStats:
-        """One micro-batch: fresh examples plus replayed ones, `steps_per_batch` AdamW steps."""
+        """One micro-batch: fresh examples plus replayed ones, `steps_per_batch` AdamW steps.
+
+        A micro-batch smaller than `cfg.step_events` learns with its lr scaled by its fresh
+        share (and, with `small_batch="pad"`, is filled up with the newest learned examples), so
+        a stream learned in many small micro-batches moves the weights as much per event as one
+        learned in full ones: the update no longer depends on the event rate.
+        """
         t0 = time.perf_counter()
-        if self.cfg.logq_halflife > 0:
-            decay = 0.5 ** (len(batch) / self.cfg.logq_halflife)
+        cfg = self.cfg
+        if cfg.logq_halflife > 0:
+            decay = 0.5 ** (len(batch) / cfg.logq_halflife)
             self.freq *= decay
             self.freq_total *= decay
         fresh = self._observe(batch)
         self._sync_id_table()
-        n_replay = int(len(fresh) * self.cfg.replay_ratio) if self.cfg.replay else 0
-        examples = fresh + self.reservoir.sample(n_replay)
+        share = 1.0 if cfg.small_batch == "none" else min(1.0, len(fresh) / cfg.step_events)
+        pad: list[Example] = []
+        if cfg.small_batch == "pad" and len(fresh) < cfg.step_events and self._recent:
+            pad = list(self._recent)[-(cfg.step_events - len(fresh)):]
+        n_replay = self._replay_count(len(fresh) + len(pad))
+        examples = fresh + pad + self.reservoir.sample(n_replay)
         for ex in fresh:
             self.reservoir.add(ex)
+        self._recent.extend(fresh)
+        self._set_lr(share)
         loss = penalty = grad_norm = 0.0
-        for _ in range(self.cfg.steps_per_batch):
+        for _ in range(cfg.steps_per_batch):
             loss, penalty, grad_norm = self._step(examples)
-        self._adapt_lr(loss)
+        self._adapt_lr(loss, share)
         self._scorer = None
-        if self.cfg.policy != "head":
+        if cfg.policy != "head":
             self._refresh_text()
         return StepStats(len(fresh), len(examples) - len(fresh), loss, penalty,
-                         self.cfg.lr * self.lr_scale, grad_norm, time.perf_counter() - t0)
+                         cfg.lr * self.lr_scale * share, grad_norm, time.perf_counter() - t0)
+
+    def _replay_count(self, n: int) -> int:
+        """replay_ratio * n replayed examples, rounded at random so that small micro-batches
+        replay as much on average as large ones (truncation gave 1-event batches none)."""
+        if not self.cfg.replay:
+            return 0
+        want = n * self.cfg.replay_ratio
+        return int(want) + (self._rng.random() < want - int(want))
+
+    def _set_lr(self, share: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg.lr * self.lr_scale * share
+        for g in self.id_opt.param_groups:
+            g["lr"] = self.cfg.id_lr * self.lr_scale * share
 
     def _step(self, examples: Sequence[Example]) -> tuple[float, float, float]:
         cfg, dev = self.cfg, self.device
@@ -271,22 +301,22 @@ class OnlineLearner:
         return self.cfg.anchor_strength * sum(
             ((p - a) ** 2).sum() for p, a in zip(self._dense, self.anchor, strict=True))
 
-    def _adapt_lr(self, loss: float) -> None:
-        """Loss above its long-run average means drift: learn faster; below it: calm down."""
+    def _adapt_lr(self, loss: float, share: float = 1.0) -> None:
+        """Loss above its long-run average means drift: learn faster; below it: calm down.
+
+        The averages move by `share` of a full step's weight, so they span the same number of
+        events whatever the micro-batch size."""
         if not math.isfinite(loss):
             return
         if self._loss_fast is None:
             self._loss_fast = self._loss_slow = loss
-        self._loss_fast = 0.3 * loss + 0.7 * self._loss_fast
-        self._loss_slow = 0.02 * loss + 0.98 * self._loss_slow
+        fast, slow = 1 - 0.7 ** share, 1 - 0.98 ** share
+        self._loss_fast = fast * loss + (1 - fast) * self._loss_fast
+        self._loss_slow = slow * loss + (1 - slow) * self._loss_slow
         if not self.cfg.adaptive_lr:
             return
         lo, hi = self.cfg.adaptive_lr_range
         self.lr_scale = min(hi, max(lo, (self._loss_fast / max(self._loss_slow, 1e-9)) ** 4))
-        for g in self.opt.param_groups:
-            g["lr"] = self.cfg.lr * self.lr_scale
-        for g in self.id_opt.param_groups:
-            g["lr"] = self.cfg.id_lr * self.lr_scale
 
     # ------------------------------------------------------------------ ranking
     def scorer(self) -> Scorer:

@@ -136,16 +136,50 @@ def test_unseen_users_and_items_are_handled(tiny_encoder) -> None:
 
 
 def test_replay_mixes_past_events_into_each_batch(tiny_encoder) -> None:
-    on, off = make(tiny_encoder, replay_ratio=0.5), make(tiny_encoder, replay=False)
+    on = make(tiny_encoder, replay_ratio=0.5, step_events=40)
+    off = make(tiny_encoder, replay=False, step_events=40)
     on.learn(stream(100))
     off.learn(stream(100))
     assert on.learn(stream(40, 100)).replayed == 20
     assert off.learn(stream(40, 100)).replayed == 0
+    # one-event micro-batches replay as much on average (int(0.5) used to give them none)
+    single = make(tiny_encoder, replay_ratio=0.5, small_batch="scale")
+    single.learn(stream(100))
+    replayed = [single.learn(stream(1, 100 + k)).replayed for k in range(200)]
+    assert 70 <= sum(replayed) <= 130
     res: Reservoir[int] = Reservoir(100, seed=1)
     for i in range(10_000):
         res.add(i)
     assert len(res) == 100 and res.seen == 10_000
     assert sum(1 for i in res.items if i < 5_000) in range(30, 71), "a uniform sample of all"
+
+
+def _dense_shift(learner: OnlineLearner, before: list[torch.Tensor]) -> float:
+    return sum(float((p.detach() - b).norm() ** 2) for p, b in zip(learner._dense, before,
+                                                                      strict=True)) ** 0.5
+
+
+@pytest.mark.parametrize("mode", ["pad", "scale", "none"])
+def test_per_event_update_does_not_depend_on_the_event_rate(tiny_encoder, mode) -> None:
+    """The same 96 events learned in one micro-batch or in 96 one-event micro-batches (a slow
+    stream) must move the weights about as far. Adam moves every weight by ~lr per step whatever
+    the batch holds, so stepping at full lr on each tiny micro-batch ("none", the old trainer)
+    learns each event many times harder: that made live learning worse than not learning."""
+    base = make(tiny_encoder, step_events=96, small_batch=mode, adaptive_lr=False, replay=False,
+                anchor="none")
+    for s in range(0, 384, 96):
+        base.learn(stream(96, s))
+    whole, singles = copy.deepcopy(base), copy.deepcopy(base)
+    before = [p.detach().clone() for p in base._dense]
+    events = stream(96, 384)
+    whole.learn(events)
+    for e in events:
+        singles.learn([e])
+    ratio = _dense_shift(singles, before) / _dense_shift(whole, before)
+    if mode == "none":
+        assert ratio > 5, ratio  # documents the defect the other modes fix
+    else:
+        assert 0.2 < ratio < 2.5, ratio
 
 
 def test_anchor_penalty_is_zero_at_the_anchor_and_grows_away(tiny_encoder) -> None:

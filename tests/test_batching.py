@@ -1,0 +1,41 @@
+"""The micro-batch rule shared by the live trainer and the benchmark's simulated clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.batching import BatchPolicy, MicroBatcher, arrival_batches
+
+
+def test_batch_closes_by_size_or_by_time_whichever_first() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(BatchPolicy(max_events=3, window_s=0.5))
+    assert not batcher.due(0.0), "nothing to learn"
+    batcher.add([1], now=10.0)
+    assert not batcher.due(10.4)
+    assert batcher.due(10.5), "the first event has waited a whole window"
+    batcher.add([2, 3], now=10.2)
+    assert batcher.take() == [1, 2, 3] and not batcher.due(11.0)
+    batcher.add([4, 5, 6], now=12.0)
+    assert batcher.due(12.0), "full"
+    batcher.take()
+    batcher.add([], now=13.0)
+    batcher.add([7], now=14.0)
+    assert batcher.opened == 14.0, "the window starts at the first event, not at an empty poll"
+
+
+@pytest.mark.parametrize(("rate", "sizes"), [
+    (1000.0, [4, 4, 2]),  # fast: full batches
+    (20.0, [3, 3, 3, 1]),  # 0.15 s windows at 20/s: events at 0, .05, .10 | .15, .20, .25 | ...
+    (2.0, [1] * 10),  # slower than one event per window
+])
+def test_arrival_batches_follow_the_rate(rate: float, sizes: list[int]) -> None:
+    batches = list(arrival_batches(list(range(10)), rate, BatchPolicy(4, 0.15)))
+    assert [len(b) for b in batches] == sizes
+    assert [x for b in batches for x in b] == list(range(10)), "order kept, nothing lost"
+
+
+def test_policy_errors_are_sentences() -> None:
+    with pytest.raises(ValueError, match="max_events"):
+        BatchPolicy(max_events=0)
+    with pytest.raises(ValueError, match="rate must be positive"):
+        list(arrival_batches([1], 0.0, BatchPolicy()))

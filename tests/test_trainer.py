@@ -1,0 +1,81 @@
+"""The trainer consumer's loop body (`Trainer.on_poll`) against a real Redis, fed polls directly.
+
+Kafka is left out on purpose: these tests drive the logic that decides what is learned, when a
+version is published and which offsets may be committed, with an exact clock.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import redis
+from kafka.structs import TopicPartition
+
+from consumers.loop import Polled
+from consumers.settings import TrainerSettings
+from consumers.trainer import Trainer
+from model.config import ModelConfig
+from model.events import Interaction, Item
+from model.learner import OnlineLearner
+from protocol.features import FeatureStore
+from protocol.topics import Source
+from protocol.weights import WeightStore
+from tests.helpers import HMAC_KEY
+
+TOPIC = "interactions"
+ITEMS = [Item(str(i), f"item {i} {'red' if i % 2 else 'blue'} thing") for i in range(30)]
+
+
+def make_trainer(redis_url: str, namespace: str, tiny_encoder, **settings) -> Trainer:  # noqa: ANN001, ANN003
+    s = TrainerSettings(redis_url=redis_url, namespace=namespace, hmac_key=HMAC_KEY,
+                        encoder_path=tiny_encoder.path, trainer_metrics_port=0, **settings)
+    client = redis.Redis.from_url(redis_url)
+    learner = OnlineLearner(ModelConfig(encoder_path=tiny_encoder.path, negatives=16),
+                            copy.deepcopy(tiny_encoder), device="cpu")
+    return Trainer(s, learner, WeightStore(client, HMAC_KEY.encode(), namespace),
+                   FeatureStore(client, namespace))
+
+
+def poll(events: list[Interaction], first_offset: int, items: list[Item] = ()) -> Polled:  # type: ignore[assignment]
+    """One poll of partition 0: `events` at consecutive offsets from `first_offset`."""
+    src = [Source(TOPIC, 0, first_offset + k, 0) for k in range(len(events))]
+    return Polled(interactions=list(zip(src, events, strict=True)),
+                  items=[(Source("items", 0, k, 0), it) for k, it in enumerate(items)],
+                  offsets={TopicPartition(TOPIC, 0): first_offset + len(events)})
+
+
+def events(n: int, offset: int = 0) -> list[Interaction]:
+    return [Interaction(f"u{k % 5}", str(k % 30), float(k)) for k in range(offset, offset + n)]
+
+
+def test_a_redis_error_mid_poll_loses_nothing(redis_url, namespace, tiny_encoder) -> None:
+    """`run` retries a failed poll with an empty one; the events of the failed poll must still
+    be learned, and their offsets committed only with the version that includes them."""
+    trainer = make_trainer(redis_url, namespace, tiny_encoder, batch_window_ms=100,
+                           publish_interval_ms=0)
+    trainer.add_items(ITEMS[:10])
+    alive = trainer.features
+    trainer.features = FeatureStore(redis.Redis(port=1, socket_connect_timeout=0.2), namespace)
+    with pytest.raises(redis.exceptions.ConnectionError):  # the new items need Redis
+        trainer.on_poll(poll(events(40), 0, items=ITEMS[10:]), now=1.0)
+    trainer.features = alive  # Redis is back: the retry comes with an empty poll
+    done = trainer.on_poll(Polled(), now=1.2)
+    assert trainer.events_total == 40, "the failed poll's events were dropped"
+    assert done == {TopicPartition(TOPIC, 0): 40}
+    assert trainer.weights.current() is not None
+    assert set(ITEMS[i].item_id for i in range(30)) <= set(trainer.learner.item_ids)
+
+
+def test_offsets_wait_for_the_version_that_includes_them(redis_url, namespace,
+                                                         tiny_encoder) -> None:
+    trainer = make_trainer(redis_url, namespace, tiny_encoder, batch_window_ms=1000,
+                           batch_max_events=64, publish_interval_ms=0)
+    trainer.add_items(ITEMS)
+    assert trainer.on_poll(poll(events(30), 0), now=0.0) == {}, "batch still open"
+    assert trainer.on_poll(Polled(), now=0.5) == {}
+    assert trainer.weights.current() is None
+    done = trainer.on_poll(poll(events(40, 30), 30), now=0.6)  # full: learned and published
+    assert done == {TopicPartition(TOPIC, 0): 70}
+    manifest = trainer.weights.manifest(trainer.weights.current())
+    assert manifest.trained_through["offsets"] == {f"{TOPIC}:0": 70}
