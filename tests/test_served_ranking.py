@@ -1,0 +1,163 @@
+"""What the API serves is what the trainer learned: for the same version, the API's ranking of a
+history equals the learner's own `rank(history, k, exclude)` — same items, same order, and the
+same fp32 scores bit for bit (both run `model.scorer.Scorer`; the bytes in between are fp32
+safetensors, and a float32 widened to a Python float survives JSON exactly).
+
+A real OnlineLearner publishes through the real WeightStore into real Redis: a full snapshot,
+then items appended to the catalog (the features store the server follows, and the learner) with
+deltas carrying new ID rows, then a further delta. A server that followed every version applies
+each delta to its own state; a server started afterwards walks the chain back to the snapshot.
+Both must match the learner exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import redis
+from helpers import (
+    Publisher,
+    client_for,
+    make_events,
+    make_items,
+    seed_features,
+    settings,
+    wait_until,
+)
+from starlette.testclient import TestClient
+
+from model.events import Interaction, Item
+from protocol.features import FeatureStore
+
+K = 20  # half the catalog and more: deep enough for the order below the top to matter
+USERS = [f"u{n}" for n in range(6)]
+
+
+def new_items(start: int, n: int) -> list[Item]:
+    """Items appended later, with texts unlike the first catalog's."""
+    return [Item(f"new{k}", f"late arrival number {k} zulu {k * 7}", {}) for k in range(start, start + n)]
+
+
+def learn(pub: Publisher, fs: FeatureStore, events: Sequence[Interaction]) -> None:
+    """Events reach the features store (histories the server reads) and the learner alike."""
+    fs.apply(events)
+    for k in range(0, len(events), 40):
+        pub.learn(events[k: k + 40])
+
+
+def append(pub: Publisher, fs: FeatureStore, items: Sequence[Item]) -> None:
+    """New catalog items: the server follows the store's catalog log, the learner adds them."""
+    fs.upsert_items(items)
+    pub.learner.add_items(items)
+
+
+def wait_served(c: TestClient, version: int, catalog_items: int) -> None:
+    """Until the server serves `version` built over the whole catalog (a catalog item pulled
+    after the swap rebuilds the snapshot under the same version number)."""
+    def ready() -> bool:
+        m = c.get("/model").json()
+        return m["version"] == version and m["catalog_items"] == catalog_items
+
+    wait_until(ready, 20, f"version {version} over {catalog_items} catalog items")
+
+
+def scored(body: dict) -> list[tuple[str, float]]:
+    return [(s["item_id"], s["score"]) for s in body["items"]]
+
+
+def explain(served: list[tuple[str, float]], learned: list[tuple[str, float]]) -> str:
+    """A failure message that says how far apart the two rankings are."""
+    common = dict(learned).keys() & dict(served).keys()
+    worst = max((abs(dict(served)[i] - dict(learned)[i]) for i in common), default=float("nan"))
+    return (f"served {[i for i, _ in served]}\nlearned {[i for i, _ in learned]}\n"
+            f"largest score difference on common items: {worst!r}")
+
+
+def assert_same(served: list[tuple[str, float]], learned: list[tuple[str, float]], what: str) -> None:
+    assert learned, what
+    assert served == learned, f"{what}\n{explain(served, learned)}"
+
+
+def check_post(c: TestClient, pub: Publisher, version: int,
+               histories: Sequence[Sequence[str]]) -> None:
+    """POST /recommend against learner.rank, with and without the API's exclusions."""
+    for history in histories:
+        top = [i for i, _ in pub.learner.rank(history, 3)]
+        for extra, exclude_history in (([], True), ([], False), (top, True)):
+            body = {"history": list(history), "k": K, "exclude": extra,
+                    "exclude_history": exclude_history}
+            got = c.post("/recommend", json=body)
+            assert got.status_code == 200, got.text
+            assert got.json()["model_version"] == version and got.json()["source"] == "model"
+            exclude: Collection[str] = set(extra) | (set(history) if exclude_history else set())
+            assert_same(scored(got.json()), pub.learner.rank(history, K, exclude),
+                        f"version {version}, POST {body}")
+
+
+def check_get(c: TestClient, pub: Publisher, fs: FeatureStore, version: int) -> None:
+    """GET /recommend (history and seen-set from the features store) against learner.rank."""
+    for user in USERS:
+        history, seen = fs.user_state(user)
+        assert len(history) > pub.cfg.history_len  # the server must cut it where the learner does
+        for exclude_seen in (True, False):
+            got = c.get("/recommend", params={"user_id": user, "k": K,
+                                              "exclude_seen": exclude_seen})
+            assert got.status_code == 200, got.text
+            assert got.json()["model_version"] == version
+            want = pub.learner.rank(history, K, seen if exclude_seen else set())
+            assert_same(scored(got.json()), want, f"version {version}, GET user {user}")
+
+
+def check(c: TestClient, pub: Publisher, fs: FeatureStore, version: int, catalog_items: int,
+          histories: Sequence[Sequence[str]]) -> None:
+    wait_served(c, version, catalog_items)
+    check_post(c, pub, version, histories)
+    check_get(c, pub, fs, version)
+
+
+def test_served_ranking_equals_the_learners(redis_url: str, namespace: str,
+                                            tiny_encoder_path: str, tiny_encoder) -> None:  # noqa: ANN001
+    r = redis.Redis.from_url(redis_url)
+    items = make_items(40)
+    pub = Publisher(r, namespace, tiny_encoder_path, tiny_encoder, items)
+    fs = seed_features(r, namespace, items, [])
+    learn(pub, fs, make_events(items, users=len(USERS), n=160))
+    assert pub.cfg.history_len == 8
+    long = [f"i{k}" for k in range(3, 40, 3)]  # 13 items: longer than history_len
+    histories: list[list[str]] = [[], ["i5"], ["i1", "i2", "i3"], long]
+    late1, late2 = new_items(0, 4), new_items(4, 3)
+
+    with client_for(settings(redis_url, namespace, tiny_encoder_path)) as c:
+        full = pub.publish()
+        assert full.kind == "full"
+        check(c, pub, fs, full.version, 40, histories)
+
+        # Items appended, then learned: the delta carries their new ID rows.
+        append(pub, fs, late1)
+        learn(pub, fs, make_events(items + late1, users=len(USERS), n=80, seed=1,
+                                   t0=1_700_001_000.0))
+        d1 = pub.publish("delta")
+        assert d1.kind == "delta" and d1.parent == full.version
+        histories += [["new0"], [*long, "new1", "new2"]]
+        check(c, pub, fs, d1.version, 44, histories)
+
+        # A further delta that learns more and appends items it has not learned (zero ID rows:
+        # served from their text alone, by the learner and the server alike).
+        learn(pub, fs, make_events(items + late1, users=len(USERS), n=80, seed=2,
+                                   t0=1_700_002_000.0))
+        append(pub, fs, late2)
+        d2 = pub.publish("delta")
+        assert d2.kind == "delta" and d2.parent == d1.version
+        histories += [["new4", "i7"]]
+        check(c, pub, fs, d2.version, 47, histories)
+
+    # More deltas while no server runs; a fresh server must reach the same state from the chain.
+    learn(pub, fs, make_events(items + late1 + late2, users=len(USERS), n=80, seed=3,
+                               t0=1_700_003_000.0))
+    pub.publish("delta")
+    learn(pub, fs, make_events(items + late1 + late2, users=len(USERS), n=80, seed=4,
+                               t0=1_700_004_000.0))
+    d4 = pub.publish("delta")
+    with client_for(settings(redis_url, namespace, tiny_encoder_path)) as c:
+        check(c, pub, fs, d4.version, 47, histories)
+        assert c.get("/model").json()["swaps"] == 1  # straight to the newest, via the chain
