@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from helpers import (
@@ -35,7 +36,7 @@ from helpers import (
 from starlette.testclient import TestClient
 
 from model.events import Interaction, Item
-from protocol.features import FeatureStore, resolve_text_features
+from protocol.features import FeatureStore, resolve_text_features, share_text_features
 
 K = 20  # half the catalog and more: deep enough for the order below the top to matter
 USERS = [f"u{n}" for n in range(6)]
@@ -206,3 +207,31 @@ def test_served_ranking_equals_the_learners(redis_url: str, api_redis_url: str, 
     with client_for(settings(redis_url, namespace, tiny_encoder_path)) as c:
         check(c, pub, fs, d4.version, 47, histories)
         assert c.get("/model").json()["swaps"] == 1  # straight to the newest, via the chain
+
+
+def test_processes_that_both_missed_the_memo_use_the_first_stored_features(
+        redis_url: str, namespace: str, tiny_encoder) -> None:  # noqa: ANN001
+    """The race the memo settles: the trainer and a server both look an item up before either
+    has stored it, and encode it in different batches. The second to store must adopt the
+    first's features, or the two would score that item differently forever."""
+
+    class LookedEarly(FeatureStore):
+        """Its first memo lookup happens before the other process stored anything."""
+
+        looked = False
+
+        def text_features(self, encoder: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+            if not self.looked:
+                self.looked = True
+                return {}
+            return super().text_features(encoder, ids)
+
+    r = redis.Redis.from_url(redis_url)
+    items = new_items(0, 4)
+    own = tiny_encoder.encode([i.text for i in items])  # what this batch encodes to
+    first, unshared = share_text_features(FeatureStore(r, namespace), tiny_encoder, items[1:2])
+    assert not unshared and not np.array_equal(first["new1"], own[1])  # the bits do differ
+    feats, unshared = share_text_features(LookedEarly(r, namespace), tiny_encoder, items)
+    assert not unshared
+    assert np.array_equal(feats["new1"], first["new1"])
+    assert all(np.array_equal(feats[i.item_id], own[k]) for k, i in enumerate(items) if k != 1)
