@@ -52,21 +52,21 @@ class FeatureStore:
         pipe.execute()
 
     def put_text_features(self, encoder: str, feats: dict[str, np.ndarray],
-                          replace: bool = False) -> None:
+                          replace: bool = False) -> set[str]:
         """Memoise text features. An item that has some already keeps them (the first writer
-        wins) unless `replace`: every process must then use the stored ones, see
-        `share_text_features`."""
+        wins) unless `replace`; returns the ids that kept them. Every process must use the
+        stored features, see `share_text_features`."""
         if not feats:
-            return
+            return set()
         key = f"{self.ns}:text:{encoder}"
         values = {k: np.asarray(v, np.float32).tobytes() for k, v in feats.items()}
         if replace:
             self.r.hset(key, mapping=values)
-            return
+            return set()
         pipe = self.r.pipeline(transaction=False)
         for item_id, raw in values.items():
             pipe.hsetnx(key, item_id, raw)
-        pipe.execute()
+        return {i for i, stored in zip(values, pipe.execute(), strict=True) if not stored}
 
     # ------------------------------------------------------------------ reads (trainer, service)
     def user_state(self, user_id: str) -> tuple[list[str], set[str]]:
@@ -131,18 +131,22 @@ def share_text_features(store: FeatureStore, encoder, items: Sequence[Item],
         return feats, set()
     vecs = encoder.encode([by_id[i].text for i in missing], progress=progress)
     fresh = dict(zip(missing, vecs, strict=True))
+    unshared = set(missing)  # ids not known to be stored, by us or by another process
     if write_back:
         try:
-            store.put_text_features(encoder.identity,
-                                    {i: fresh[i] for i in missing if i not in feats})
+            unshared = store.put_text_features(
+                encoder.identity, {i: fresh[i] for i in missing if i not in feats})
             store.put_text_features(encoder.identity,  # malformed entries: replace them
                                     {i: fresh[i] for i in missing if i in feats}, replace=True)
         except redis.exceptions.ResponseError:  # a read-only ACL user: the trainer stores them
             pass
-    stored = store.text_features(encoder.identity, missing)  # whoever stored first wins
-    fresh.update({i: v for i, v in stored.items() if v.shape == (encoder.dim,)})
+    # Another process stored some of them first: use its features, as every process will.
+    for item_id, vec in store.text_features(encoder.identity, sorted(unshared)).items():
+        if vec.shape == (encoder.dim,):
+            fresh[item_id] = vec
+            unshared.discard(item_id)
     feats.update(fresh)
-    return feats, {i for i in missing if i not in stored or stored[i].shape != (encoder.dim,)}
+    return feats, unshared
 
 
 def resolve_text_features(store: FeatureStore, encoder, items: Sequence[Item],

@@ -6,6 +6,7 @@ is atomic and never fails a request. Loading and verification happen on a backgr
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -190,7 +191,8 @@ class ModelHolder:
         encoder's last bits depend on the batch an item was encoded in."""
         if not self._unshared:
             return False
-        stored = self.features.text_features(self.encoder.identity, list(self._unshared))
+        ids = list(itertools.islice(self._unshared, 10_000))  # bounded work per round
+        stored = self.features.text_features(self.encoder.identity, ids)
         changed = False
         for item_id, vec in stored.items():
             if vec.shape == (self.encoder.dim,):
