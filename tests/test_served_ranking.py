@@ -20,6 +20,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ from starlette.testclient import TestClient
 from model.events import Interaction, Item
 from protocol.features import FeatureStore, resolve_text_features, share_text_features
 
-K = 20  # half the catalog and more: deep enough for the order below the top to matter
+K = 20  # about half the catalog: deep enough for the order below the top to matter
 USERS = [f"u{n}" for n in range(6)]
 ACL_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "redis" / "users.acl.template"
 
@@ -54,7 +55,8 @@ def api_redis_url(redis_url: str, namespace: str) -> Iterator[str]:
              for word in rule.split()[2:]]
     r = redis.Redis.from_url(redis_url)
     r.execute_command("ACL", "SETUSER", user, *rules)
-    yield redis_url.replace("redis://", f"redis://{user}:{password}@", 1)
+    url = urlsplit(redis_url)
+    yield urlunsplit(url._replace(netloc=f"{user}:{password}@{url.hostname}:{url.port or 6379}"))
     r.execute_command("ACL", "DELUSER", user)
 
 
