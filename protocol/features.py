@@ -51,10 +51,22 @@ class FeatureStore:
             pipe.rpush(f"{self.ns}:items:log", item.item_id)
         pipe.execute()
 
-    def put_text_features(self, encoder: str, feats: dict[str, np.ndarray]) -> None:
-        if feats:
-            self.r.hset(f"{self.ns}:text:{encoder}",
-                        mapping={k: np.asarray(v, np.float32).tobytes() for k, v in feats.items()})
+    def put_text_features(self, encoder: str, feats: dict[str, np.ndarray],
+                          replace: bool = False) -> set[str]:
+        """Memoise text features. An item that has some already keeps them (the first writer
+        wins) unless `replace`; returns the ids that kept them. Every process must use the
+        stored features, see `share_text_features`."""
+        if not feats:
+            return set()
+        key = f"{self.ns}:text:{encoder}"
+        values = {k: np.asarray(v, np.float32).tobytes() for k, v in feats.items()}
+        if replace:
+            self.r.hset(key, mapping=values)
+            return set()
+        pipe = self.r.pipeline(transaction=False)
+        for item_id, raw in values.items():
+            pipe.hsetnx(key, item_id, raw)
+        return {i for i, stored in zip(values, pipe.execute(), strict=True) if not stored}
 
     # ------------------------------------------------------------------ reads (trainer, service)
     def user_state(self, user_id: str) -> tuple[list[str], set[str]]:
@@ -99,21 +111,46 @@ class FeatureStore:
                 if b is not None}
 
 
-def resolve_text_features(store: FeatureStore, encoder, items: Sequence[Item],
-                          write_back: bool = True, progress: bool = False
-                          ) -> dict[str, np.ndarray]:
-    """Text features for `items`: from the shared Redis memo where present, else encoded here
-    (and, with `write_back`, memoised for the other processes). `encoder` is a TextEncoder."""
+def share_text_features(store: FeatureStore, encoder, items: Sequence[Item],
+                        write_back: bool = True, progress: bool = False
+                        ) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Text features for `items`, the same in every process: the memo's where it has them, else
+    encoded here, memoised (with `write_back`; the first writer wins) and read back. `encoder` is
+    a TextEncoder.
+
+    The memo is the one source of truth because an encoder's output is not a function of the
+    text alone: padding to the longest text of a batch, and the thread count, change the last
+    bits. A server that used its own features where the trainer learned with others would serve
+    scores the trainer never computed. Returns the features and the ids whose features exist
+    only here (a read-only user could not store them): look those up again later.
+    """
     by_id = {i.item_id: i for i in items}
     feats = store.text_features(encoder.identity, list(by_id))
     missing = [i for i in by_id if i not in feats or feats[i].shape != (encoder.dim,)]
-    if missing:
-        vecs = encoder.encode([by_id[i].text for i in missing], progress=progress)
-        fresh = dict(zip(missing, vecs, strict=True))
-        feats.update(fresh)
-        if write_back:
-            try:
-                store.put_text_features(encoder.identity, fresh)
-            except redis.exceptions.ResponseError:  # a read-only ACL user: memo is optional
-                pass
-    return feats
+    if not missing:
+        return feats, set()
+    vecs = encoder.encode([by_id[i].text for i in missing], progress=progress)
+    fresh = dict(zip(missing, vecs, strict=True))
+    unshared = set(missing)  # ids not known to be stored, by us or by another process
+    if write_back:
+        try:
+            unshared = store.put_text_features(
+                encoder.identity, {i: fresh[i] for i in missing if i not in feats})
+            store.put_text_features(encoder.identity,  # malformed entries: replace them
+                                    {i: fresh[i] for i in missing if i in feats}, replace=True)
+        except redis.exceptions.ResponseError:  # a read-only ACL user: the trainer stores them
+            pass
+    # Another process stored some of them first: use its features, as every process will.
+    for item_id, vec in store.text_features(encoder.identity, sorted(unshared)).items():
+        if vec.shape == (encoder.dim,):
+            fresh[item_id] = vec
+            unshared.discard(item_id)
+    feats.update(fresh)
+    return feats, unshared
+
+
+def resolve_text_features(store: FeatureStore, encoder, items: Sequence[Item],
+                          write_back: bool = True, progress: bool = False
+                          ) -> dict[str, np.ndarray]:
+    """Text features for `items`, the same in every process (see `share_text_features`)."""
+    return share_text_features(store, encoder, items, write_back, progress)[0]

@@ -6,6 +6,7 @@ is atomic and never fails a request. Loading and verification happen on a backgr
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from model.scorer import Scorer
 from model.serialization import ID_TABLE, WeightsError, check_tensors
 from model.towers import TwoTower
 from protocol.errors import VerificationError
-from protocol.features import FeatureStore, resolve_text_features
+from protocol.features import FeatureStore, share_text_features
 from protocol.weights import LoadedVersion, WeightStore
 from service import metrics
 
@@ -57,6 +58,7 @@ class ModelHolder:
         self._last_swap = 0.0
         self._catalog: dict[str, Item] = {}
         self._text: dict[str, np.ndarray] = {}
+        self._unshared: set[str] = set()  # items whose features this server encoded itself
         self._cursor = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -166,6 +168,7 @@ class ModelHolder:
         log.info("serving version %s", snap.version)
 
     def _pull_catalog(self) -> bool:
+        changed = self._adopt_shared_features()
         items, self._cursor = self.features.items_since(self._cursor)
         if not items and self._cursor and self.features.items_log_length() < self._cursor:
             # The log is shorter than what we read: the store lost its data. Read it again,
@@ -173,12 +176,30 @@ class ModelHolder:
             log.warning("the catalog log shrank (did the store lose its data?); re-reading it")
             items, self._cursor = self.features.items_since(0)
         if not items:
-            return False
-        feats = resolve_text_features(self.features, self.encoder, items)
+            return changed
+        feats, unshared = share_text_features(self.features, self.encoder, items)
         for item in items:
             self._catalog[item.item_id] = item
             self._text[item.item_id] = feats[item.item_id]
+            self._unshared.discard(item.item_id)
+        self._unshared |= unshared
         return True
+
+    def _adopt_shared_features(self) -> bool:
+        """Replace the features this server encoded itself (a read-only user cannot memoise
+        them) by the memo's once the trainer stored its own: it learned with those, and the
+        encoder's last bits depend on the batch an item was encoded in."""
+        if not self._unshared:
+            return False
+        ids = list(itertools.islice(self._unshared, 10_000))  # bounded work per round
+        stored = self.features.text_features(self.encoder.identity, ids)
+        changed = False
+        for item_id, vec in stored.items():
+            if vec.shape == (self.encoder.dim,):
+                self._unshared.discard(item_id)
+                changed |= not np.array_equal(vec, self._text[item_id])
+                self._text[item_id] = vec
+        return changed
 
     def _build(self, loaded: LoadedVersion) -> Scorer:
         """Verify shapes and finiteness against the manifest's architecture, then build."""
