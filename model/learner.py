@@ -83,7 +83,6 @@ class OnlineLearner:
         self.histories: dict[str, deque[int]] = {}
         self.seen: dict[str, set[int]] = {}
         self.reservoir: Reservoir[Example] = Reservoir(cfg.replay_size, cfg.seed)
-        self._recent: deque[Example] = deque(maxlen=cfg.step_events)  # newest learned examples
         self._rng = random.Random(cfg.seed)
         self._dense = [p for n, p in self.net.named_parameters() if n != "id_emb"]
         self._dense += [p for p in self.encoder.parameters() if p.requires_grad]
@@ -194,10 +193,10 @@ class OnlineLearner:
     def learn(self, batch: Sequence[Interaction]) -> StepStats:
         """One micro-batch: fresh examples plus replayed ones, `steps_per_batch` AdamW steps.
 
-        A micro-batch smaller than `cfg.step_events` learns with its lr scaled by its fresh
-        share (and, with `small_batch="pad"`, is filled up with the newest learned examples), so
-        a stream learned in many small micro-batches moves the weights as much per event as one
-        learned in full ones: the update no longer depends on the event rate.
+        A micro-batch of n < `cfg.step_events` events learns at lr * n / step_events
+        (`small_batch="scale"`): Adam moves each weight by about lr per step whatever the batch
+        holds, so at full lr a slow stream, learned in many small micro-batches, would learn each
+        event many times harder than a fast one. Scaled, it learns no harder per event.
         """
         t0 = time.perf_counter()
         cfg = self.cfg
@@ -207,16 +206,12 @@ class OnlineLearner:
             self.freq_total *= decay
         fresh = self._observe(batch)
         self._sync_id_table()
-        share = 1.0 if cfg.small_batch == "none" else min(1.0, len(fresh) / cfg.step_events)
-        pad: list[Example] = []
-        if cfg.small_batch == "pad" and len(fresh) < cfg.step_events and self._recent:
-            pad = list(self._recent)[-(cfg.step_events - len(fresh)):]
-        n_replay = self._replay_count(len(fresh) + len(pad))
-        examples = fresh + pad + self.reservoir.sample(n_replay)
+        share = min(1.0, len(fresh) / cfg.step_events)  # of a full step's events
+        lr_mult = share if cfg.small_batch == "scale" else 1.0
+        examples = fresh + self.reservoir.sample(self._replay_count(len(fresh)))
         for ex in fresh:
             self.reservoir.add(ex)
-        self._recent.extend(fresh)
-        self._set_lr(share)
+        self._set_lr(lr_mult)
         loss = penalty = grad_norm = 0.0
         for _ in range(cfg.steps_per_batch):
             loss, penalty, grad_norm = self._step(examples)
@@ -225,7 +220,7 @@ class OnlineLearner:
         if cfg.policy != "head":
             self._refresh_text()
         return StepStats(len(fresh), len(examples) - len(fresh), loss, penalty,
-                         cfg.lr * self.lr_scale * share, grad_norm, time.perf_counter() - t0)
+                         cfg.lr * self.lr_scale * lr_mult, grad_norm, time.perf_counter() - t0)
 
     def _replay_count(self, n: int) -> int:
         """replay_ratio * n replayed examples, rounded at random so that small micro-batches
@@ -235,11 +230,11 @@ class OnlineLearner:
         want = n * self.cfg.replay_ratio
         return int(want) + (self._rng.random() < want - int(want))
 
-    def _set_lr(self, share: float) -> None:
+    def _set_lr(self, mult: float) -> None:
         for g in self.opt.param_groups:
-            g["lr"] = self.cfg.lr * self.lr_scale * share
+            g["lr"] = self.cfg.lr * self.lr_scale * mult
         for g in self.id_opt.param_groups:
-            g["lr"] = self.cfg.id_lr * self.lr_scale * share
+            g["lr"] = self.cfg.id_lr * self.lr_scale * mult
 
     def _step(self, examples: Sequence[Example]) -> tuple[float, float, float]:
         cfg, dev = self.cfg, self.device

@@ -143,7 +143,7 @@ def test_replay_mixes_past_events_into_each_batch(tiny_encoder) -> None:
     assert on.learn(stream(40, 100)).replayed == 20
     assert off.learn(stream(40, 100)).replayed == 0
     # one-event micro-batches replay as much on average (int(0.5) used to give them none)
-    single = make(tiny_encoder, replay_ratio=0.5, small_batch="scale")
+    single = make(tiny_encoder, replay_ratio=0.5)
     single.learn(stream(100))
     replayed = [single.learn(stream(1, 100 + k)).replayed for k in range(200)]
     assert 70 <= sum(replayed) <= 130
@@ -159,7 +159,7 @@ def _dense_shift(learner: OnlineLearner, before: list[torch.Tensor]) -> float:
                                                                       strict=True)) ** 0.5
 
 
-@pytest.mark.parametrize("mode", ["pad", "scale", "none"])
+@pytest.mark.parametrize("mode", ["scale", "none"])
 def test_per_event_update_does_not_depend_on_the_event_rate(tiny_encoder, mode) -> None:
     """The same 96 events learned in one micro-batch or in 96 one-event micro-batches (a slow
     stream) must move the weights about as far. Adam moves every weight by ~lr per step whatever
@@ -177,9 +177,9 @@ def test_per_event_update_does_not_depend_on_the_event_rate(tiny_encoder, mode) 
         singles.learn([e])
     ratio = _dense_shift(singles, before) / _dense_shift(whole, before)
     if mode == "none":
-        assert ratio > 5, ratio  # documents the defect the other modes fix
+        assert ratio > 5, ratio  # documents the defect that "scale" fixes
     else:
-        assert 0.2 < ratio < 2.5, ratio
+        assert 0.05 < ratio < 1.5, ratio
 
 
 def test_anchor_penalty_is_zero_at_the_anchor_and_grows_away(tiny_encoder) -> None:
@@ -202,7 +202,8 @@ def test_anchor_penalty_is_zero_at_the_anchor_and_grows_away(tiny_encoder) -> No
 
 
 def test_adaptive_lr_rises_on_drift_and_stays_fixed_when_off(tiny_encoder) -> None:
-    ada, fixed = make(tiny_encoder), make(tiny_encoder, adaptive_lr=False)
+    ada = make(tiny_encoder, step_events=100)
+    fixed = make(tiny_encoder, adaptive_lr=False, step_events=100)
     for s in range(0, 2000, 100):
         ada.learn(stream(100, s))
         fixed.learn(stream(100, s))
