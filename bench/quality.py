@@ -2,7 +2,9 @@
 
 Protocol (the defaults; see `QualityConfig`):
 
-1. Events in time order (`freshrec.data.event_sort_key`); optionally only the first N.
+1. Events in time order, each user's same-second events ordered by a hash seeded with `seed`
+   (`freshrec.data.hash_ties`; `ties="id"` keeps the leaky item-id order); optionally only the
+   first N. With `rate`, stream micro-batches close as the live trainer's do at that rate.
 2. Warm-up: the first 50%. Each warm-up user's last warm-up event (users with at least two
    warm-up events) is held out and never trained on. Every method learns the rest of the
    warm-up, in micro-batches, `warmup_passes` times.
@@ -39,7 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.baselines import ItemKNN, Popularity, RiverMF, StreamingRecommender
-from freshrec.data import Dataset, Interaction, Item, load_movielens, ml100k_dir, synthetic_stream
+from freshrec.data import (
+    Dataset,
+    Interaction,
+    Item,
+    hash_ties,
+    load_movielens,
+    ml100k_dir,
+    synthetic_stream,
+)
 from model.batching import BatchPolicy, arrival_batches
 
 __all__ = [
@@ -84,6 +94,9 @@ class QualityConfig:
     # first), and the neural methods publish at most every publish_interval_s of that clock.
     # None: fixed micro-batches of batch_size, a publish every 4 of them.
     rate: float | None = None
+    # Same-second events of a user: "hash" orders them by a hash seeded with `seed`; "id" keeps
+    # the dataset's (ts, user, item id) order, which leaks the next item (the id grows)
+    ties: str = "hash"
     warmup_events: int | None = None  # exactly this many warm-up events (overrides warmup_frac)
     holdout: bool = True  # hold out each warm-up user's last warm-up event (forgetting)
     per_event: bool = False  # keep every stream event's hit and NDCG in the result
@@ -100,6 +113,8 @@ class QualityConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_passes < 0 or self.loo_passes < 0:
             raise ValueError("warmup_passes and loo_passes must be >= 0")
+        if self.ties not in ("hash", "id"):
+            raise ValueError(f"ties must be hash or id, got {self.ties!r}")
         if self.rate is not None and self.rate <= 0:
             raise ValueError(f"rate must be positive events/s, got {self.rate}")
         if self.events is not None and self.events < 2:
@@ -493,6 +508,14 @@ def leave_one_out(
     }
 
 
+def ordered_events(dataset: Dataset, cfg: QualityConfig) -> list[Interaction]:
+    """The stream the protocol runs on: same-second ties ordered as `cfg.ties` says, then the
+    first `cfg.events`."""
+    events = hash_ties(dataset.interactions, cfg.seed) if cfg.ties == "hash" \
+        else list(dataset.interactions)
+    return events[: cfg.events] if cfg.events else events
+
+
 def run_method(
     name: str,
     factory: MethodFactory,
@@ -556,7 +579,7 @@ def run_quality(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
-    events = dataset.interactions[: cfg.events] if cfg.events else dataset.interactions
+    events = ordered_events(dataset, cfg)
     split = split_warmup(events, cfg)
     protocol = {
         "dataset": dataset.name,
@@ -666,7 +689,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--warmup-passes", type=int, default=1)
     parser.add_argument("--window", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the methods and the same-second tie order")
+    parser.add_argument("--ties", default="hash", choices=("hash", "id"),
+                        help="order of a user's same-second events: seeded hash (default) or "
+                        "item id (the old order, which leaks the next item)")
     parser.add_argument("--no-loo", action="store_true", help="skip the leave-one-out protocol")
     parser.add_argument(
         "--encoder", default="", help="HF AutoModel folder for the neural methods (default MiniLM)"
@@ -692,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = QualityConfig(
             events=args.events, batch_size=args.batch_size, warmup_passes=args.warmup_passes,
             window=args.window, seed=args.seed, loo=not args.no_loo, rate=args.rate,
+            ties=args.ties,
             batch_window_s=args.batch_window_ms / 1000,
         )  # fmt: skip
     except ValueError as exc:

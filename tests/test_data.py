@@ -280,3 +280,19 @@ def test_synthetic_rejects_bad_arguments() -> None:
         synthetic_stream(0, 10, 10, 0, seed=0)
     with pytest.raises(ValueError):
         synthetic_stream(5, 10, 10, 0, seed=0, topic_affinity=1.5)
+
+
+def test_hash_ties_reorder_only_same_second_events_without_the_id_signal() -> None:
+    from freshrec.data import hash_ties
+
+    events = [Interaction("u1", str(i), 100.0) for i in range(30)]
+    events += [Interaction("u2", "5", 99.0), Interaction("u1", "99", 101.0)]
+    ordered = sorted(events, key=event_sort_key)
+    a, b, c = hash_ties(ordered, 0), hash_ties(ordered, 0), hash_ties(ordered, 1)
+    assert a == b, "a seed gives one stream"
+    assert sorted(a, key=event_sort_key) == ordered, "same events"
+    assert [e.ts for e in a] == sorted(e.ts for e in a), "time order kept"
+    assert a[0].user_id == "u2" and a[-1].item_id == "99"
+    same_second = [int(e.item_id) for e in a if e.ts == 100.0]
+    assert same_second != sorted(same_second), "the next item's id no longer grows"
+    assert a != c, "another seed, another tie order"
