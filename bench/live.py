@@ -325,6 +325,10 @@ def run(rates: Sequence[float], scored: int, max_get_rate: float, seed: int, hom
         row["live_vs_incremental"] = row[f"live_hr@{K}"] / inc - 1 if inc else None
         row["ci95_live_vs_incremental"] = _paired_ci(
             live["hits"], [h for h, _ in per_event["incremental"][::stride]], inc)
+        st = row[f"static_hr@{K}"]
+        row["live_vs_static"] = row[f"live_hr@{K}"] / st - 1 if st else None
+        row["ci95_live_vs_static"] = _paired_ci(
+            live["hits"], [h for h, _ in per_event["static"][::stride]], st)
         runs.append(row)
         log("  " + _row_text(row))
     return {"protocol": {"dataset": ds.name, "ties": f"hash(seed={seed})", "warmup_events": n_warm,
@@ -359,6 +363,7 @@ def _row_text(row: dict[str, Any]) -> str:
     return (f"rate {row['rate']:>6g}  live {row[f'live_hr@{K}']:.4f}  incremental "
             f"{row[f'incremental_hr@{K}']:.4f}  static {row[f'static_hr@{K}']:.4f}  "
             f"live/inc {100 * (row['live_vs_incremental'] or 0):+.1f}%  "
+            f"live/static {100 * (row['live_vs_static'] or 0):+.1f}%  "
             f"freshness p50/p99 {_s(f['p50'])}/{_s(f['p99'])}  errors {row['errors']}")
 
 
@@ -396,7 +401,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     runs = result["runs"]
     labels = [f"{r['rate']:g}/s" for r in runs]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     width = 0.27
     for j, (key, name) in enumerate(((f"live_hr@{K}", "live (HTTP)"),
                                      (f"incremental_hr@{K}", "offline incremental"),
@@ -407,7 +412,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
     ax.set_xlabel("event rate")
     ax.set_ylabel(f"HR@{K} on the scored events")
     ax.set_title("Served quality while learning live vs the offline benchmark")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)

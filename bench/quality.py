@@ -684,6 +684,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--batch-window-ms", type=float, default=1000 * BatchPolicy.window_s)
     parser.add_argument(
+        "--item-tower", default=None, choices=("mlp", "linear"),
+        help="item tower of the neural methods (default: the model's)",
+    )
+    parser.add_argument(
         "--small-batch", default=None, choices=("scale", "none"),
         help="how the neural methods learn a micro-batch under step_events (default: the model's)",
     )
@@ -733,6 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         neural.BASE_CONFIG = replace(
             neural.BASE_CONFIG, encoder_path=args.encoder, policy=args.policy,
             small_batch=args.small_batch or neural.BASE_CONFIG.small_batch,
+            item_tower=args.item_tower or neural.BASE_CONFIG.item_tower,
         )
     if args.synthetic:
         dataset = synthetic_stream(1000, 2000, args.events or 100_000, 20_000, args.seed)

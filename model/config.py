@@ -9,6 +9,7 @@ from typing import Any
 POLICIES = ("head", "lora", "full")
 ANCHORS = ("l2sp", "none")
 SMALL_BATCH = ("scale", "none")
+ITEM_TOWERS = ("mlp", "linear")
 
 
 @dataclass
@@ -25,6 +26,12 @@ class ModelConfig:
     dim: int = 64  # shared embedding width of item and user vectors
     id_embedding: bool = True  # learned per-item vector, zero at birth so new items use text only
     text: bool = True  # read the item text; False = an ID-only model (the cold-start ablation)
+    # "mlp": unit(adapter MLP(text) + id): every new adapter moves every item vector.
+    # "linear": (W t + b + e) / sqrt(1 + |e|^2) with t a fixed projection of the text: a new
+    # version folds W into the query and changes only the ID rows it touched, whatever the
+    # catalog size (see bench/RESULTS.md for what it costs in quality)
+    item_tower: str = "mlp"
+    base_dim: int = 64  # linear: width of the fixed text projection t
     policy: str = "head"  # trainable scope: head (encoder frozen) | lora | full
     lora_rank: int = 8  # rank of the low-rank adapters when policy == "lora"
     # --- user tower ---
@@ -74,6 +81,10 @@ class ModelConfig:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.item_tower not in ITEM_TOWERS:
+            raise ValueError(f"item_tower must be one of {ITEM_TOWERS}, got {self.item_tower!r}")
+        if self.base_dim <= 0:
+            raise ValueError(f"base_dim must be positive, got {self.base_dim}")
         if self.small_batch not in SMALL_BATCH:
             raise ValueError(f"small_batch must be one of {SMALL_BATCH}, got {self.small_batch!r}")
         if self.step_events < 1:
@@ -100,7 +111,7 @@ class ModelConfig:
     def architecture(self) -> dict[str, Any]:
         """The fields that decide tensor shapes; two versions load into each other iff equal
         (the encoder itself is compared by identity, not by path)."""
-        keys = ("dim", "id_embedding", "policy", "lora_rank", "history_len",
+        keys = ("dim", "id_embedding", "item_tower", "base_dim", "policy", "lora_rank", "history_len",
                 "user_layers", "user_heads")
         return {k: getattr(self, k) for k in keys}
 

@@ -331,3 +331,36 @@ def test_logq_frequencies_forget_with_the_half_life(tiny_encoder) -> None:
     assert decayed.freq[one] == pytest.approx(50.0), "one half-life later, half the weight"
     assert decayed.freq[two] == 100 and decayed.freq_total == pytest.approx(150.0)
     assert all_time.freq[one] == all_time.freq[two] == 100 and all_time.freq_total == 200
+
+
+def test_linear_item_tower_folds_the_adapter_into_the_query(tiny_encoder) -> None:
+    """item_tower="linear": the ranking view's per-item columns change only in the ID rows a
+    step touched (the adapter folds into the query), and its scores are the training model's."""
+    learner = make(tiny_encoder, item_tower="linear", replay=False)
+    learner.add_items([Item(f"x{i}", f"extra {i}") for i in range(200)])
+    learner.learn(stream(100))
+    before = learner.scorer().cols.clone()
+    adapter_before = learner.net.adapter.proj.weight.detach().clone()
+    rows_before = learner.net.id_emb.detach().clone()
+    learner.learn(stream(20, 100))
+    after = learner.scorer().cols
+    changed_ids = (learner.net.id_emb.detach() != rows_before).any(dim=1).nonzero().flatten()
+    changed_cols = (after != before).any(dim=1).nonzero().flatten()
+    assert 0 < len(changed_cols) < len(learner.item_ids) // 4
+    assert torch.equal(changed_cols, changed_ids), "only touched ID rows move on the item side"
+    assert not torch.equal(learner.net.adapter.proj.weight, adapter_before), "the adapter learned"
+    # the folded scores are the model's own: u . (W t + b + e) * id_scale(e) / temperature
+    hist = ["1", "2", "3"]
+    net, n = learner.net, len(learner.item_ids)
+    with torch.no_grad():
+        idx = torch.arange(n)
+        vecs = net.item_vectors(learner.text[:n], idx)
+        t = learner.cfg.history_len
+        h = torch.zeros(1, t, learner.cfg.dim)
+        h[0, -3:] = net.history_vectors(vecs[[learner.index[i] for i in hist]])
+        mask = torch.zeros(1, t, dtype=torch.bool)
+        mask[0, -3:] = True
+        u = net.user_vectors(h, mask)
+        want = (u @ vecs.T / learner.cfg.temperature)[0]
+    got = dict(learner.rank(hist, n))
+    assert max(abs(got[i] - float(want[learner.index[i]])) for i in got) < 1e-4
