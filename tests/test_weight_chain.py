@@ -14,10 +14,17 @@ from dataclasses import asdict, replace
 
 import pytest
 import redis
-from helpers import Publisher, make_events, make_items
+from helpers import HMAC_KEY, Publisher, make_events, make_items, seed_features
+from kafka.structs import TopicPartition
 
+from consumers.loop import Polled
+from consumers.settings import TrainerSettings
+from consumers.trainer import Trainer
+from model.config import ModelConfig
+from model.learner import OnlineLearner
 from model.serialization import WeightsError
 from protocol.errors import VerificationError
+from protocol.topics import Source
 from protocol.weights import Manifest, WeightStore
 
 
@@ -144,3 +151,42 @@ def test_manifests_written_before_epochs_still_load(pub: Publisher) -> None:
         blob = store.r.get(f"{store.ns}:v:{m.version}:blob:0")
         write_signed(store, replace(m, parent_digest=None, epoch="", hmac=""), blob)
     assert store.load(delta.version).manifest.version == delta.version
+
+
+def test_the_trainer_republishes_a_full_snapshot_after_redis_lost_everything(
+        redis_url: str, namespace: str, tiny_encoder_path: str, tiny_encoder) -> None:  # noqa: ANN001
+    """The trainer holds its parent while Redis is flushed: its next version is a full snapshot
+    in a new epoch that loads, not a delta onto a version the store no longer has."""
+    r = redis.Redis.from_url(redis_url)
+    items = make_items(20)
+    fs = seed_features(r, namespace, items, [])
+    s = TrainerSettings(redis_url=redis_url, namespace=namespace, hmac_key=HMAC_KEY,
+                        encoder_path=tiny_encoder_path, batch_max_events=10,
+                        publish_interval_ms=0)
+    cfg = ModelConfig(encoder_path=tiny_encoder_path, dim=16, history_len=8, negatives=16,
+                      user_heads=2, replay_size=500)
+    store = WeightStore(r, HMAC_KEY.encode(), namespace)
+    trainer = Trainer(s, OnlineLearner(cfg, tiny_encoder, device="cpu"), store, fs)
+    trainer.bootstrap()
+    tp = TopicPartition("interactions", 0)
+    offset = 0
+
+    def poll(seed: int) -> Manifest:
+        nonlocal offset
+        events = make_events(items, users=4, n=10, seed=seed)
+        polled = Polled(interactions=[(Source(tp.topic, 0, offset + k, 0), e)
+                                      for k, e in enumerate(events)],
+                        offsets={tp: offset + len(events)})
+        offset += len(events)
+        assert trainer.on_poll(polled, 1_000.0 + offset) == {tp: offset}, "published"
+        return store.manifest(store.current())
+
+    first, second = poll(1), poll(2)
+    assert (first.kind, second.kind, second.parent) == ("full", "delta", first.version)
+    for key in r.scan_iter(f"{namespace}:w:*"):
+        r.delete(key)  # Redis lost the weights (FLUSHALL, a restart without persistence)
+    third = poll(3)
+    assert third.kind == "full" and third.parent is None and third.epoch != second.epoch
+    assert store.load(third.version).manifest == third
+    fourth = poll(4)
+    assert (fourth.kind, fourth.parent, fourth.epoch) == ("delta", third.version, third.epoch)
