@@ -10,10 +10,10 @@ from typing import Annotated, Any
 import redis
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import FileResponse
-from kafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.events import Interaction, Item
+from protocol.errors import Unavailable
 from protocol.topics import encode_interaction, encode_item
 from service import metrics
 from service.deps import Authorized, FeaturesDep, HolderDep, ProducerDep, SettingsDep, UserCacheDep
@@ -78,13 +78,12 @@ def recommend_anonymous(body: RecommendIn, holder: HolderDep,
 
 
 def _send(producer: ProducerDep, topic: str, records: list[tuple[bytes, bytes]]) -> None:
-    kafka = producer.get()  # type: ignore[attr-defined] - 503 when Kafka is unreachable
+    """Write to Kafka; 503 (within about a second) when it cannot take the records."""
     try:
-        futures = [kafka.send(topic, key=key, value=value) for key, value in records]
-        for f in futures:
-            f.get(timeout=5)
-    except KafkaError as exc:
-        raise HTTPException(503, f"Kafka is unavailable, nothing was accepted: {exc}") from exc
+        producer.send(topic, records)  # type: ignore[attr-defined]  # a LazyProducer
+    except Unavailable as exc:
+        raise HTTPException(503, exc.detail,
+                            headers={"Retry-After": str(round(exc.retry_after))}) from exc
 
 
 def _as_batch(body: object, what: str) -> list:
