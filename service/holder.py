@@ -27,6 +27,7 @@ from protocol.weights import LoadedVersion, WeightStore
 from service import metrics
 
 log = logging.getLogger("freshrec.service")
+RETRY_MAX_S = 300.0  # a version that failed to build is tried again after 1, 2, 4 ... this many s
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class ModelHolder:
         self.swaps = 0
         self.refused: dict[int, str] = {}  # version -> reason; never retried
         self._refused_sig: dict[int, str | None] = {}  # version -> HMAC of the refused manifest
+        # version -> (HMAC, failures, monotonic time of the next try) of a build that failed for
+        # another reason than verification (a bug, memory): retried, but with a growing pause
+        self._failed_builds: dict[int, tuple[str | None, int, float]] = {}
         self.redis_ok = True
         self._build_seconds = 0.0  # moving average of load + verify + build of one version
         self._last_swap = 0.0
@@ -121,6 +125,9 @@ class ModelHolder:
         new = target is not None and not (target == cur.version and sig in (None, served))
         if new and target in self.refused and self._refused_sig.get(target) == sig:
             new = False  # refused once, never retried (unless the number now names another one)
+        failed = self._failed_builds.get(target) if target is not None else None
+        if new and failed is not None and failed[0] == sig and time.monotonic() < failed[2]:
+            new = False  # failed to build a moment ago: wait out its backoff
         if new and cur.loaded is not None and \
                 time.monotonic() - self._last_swap < 2 * self._build_seconds:
             new = False  # a build costs CPU that requests need: at most half of one core on it
@@ -144,7 +151,13 @@ class ModelHolder:
                 metrics.SWAP_FAILURES.labels(reason).inc()
                 log.error("refused version %s (%s); still serving %s", target, exc, cur.version)
                 return
+            except redis.exceptions.RedisError:
+                raise  # Redis is down, the version may be fine: the loop's own retry
+            except Exception as exc:  # noqa: BLE001 - a bug or resource error building it
+                self._build_failed(target, sig, exc, cur.version)
+                return
             self.refused.pop(target, None)
+            self._failed_builds.pop(target, None)
             self._build_seconds = 0.7 * self._build_seconds + 0.3 * (time.monotonic() - t0)
             self._last_swap = time.monotonic()
             self._swap(Snapshot(target, loaded, scorer, dict(self._catalog)))
@@ -153,6 +166,17 @@ class ModelHolder:
                                     dict(self._catalog))
         elif catalog_changed:
             self.current = Snapshot(0, None, None, dict(self._catalog))
+
+    def _build_failed(self, target: int, sig: str | None, exc: Exception, serving: int) -> None:
+        """Count a failed build and set when to try it again (1, 2, 4 ... RETRY_MAX_S s), so a
+        version that cannot be built does not cost a full load and build at every poll."""
+        old = self._failed_builds.get(target)
+        failures = old[1] + 1 if old is not None and old[0] == sig else 1
+        pause = min(RETRY_MAX_S, 2.0 ** (failures - 1))
+        self._failed_builds = {target: (sig, failures, time.monotonic() + pause)}  # only the newest
+        metrics.SWAP_FAILURES.labels("build_error").inc()
+        log.error("version %s failed to build (%s: %s); still serving %s, next try in %.0f s",
+                  target, type(exc).__name__, exc, serving, pause)
 
     def _swap(self, snap: Snapshot) -> None:
         self.current = snap  # one reference assignment: atomic for every reader
