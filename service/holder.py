@@ -62,6 +62,7 @@ class ModelHolder:
         self._catalog: dict[str, Item] = {}
         self._text: dict[str, np.ndarray] = {}
         self._cursor = 0
+        self._round_since: float | None = None  # monotonic start of the refresh in progress
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-holder", daemon=True)
@@ -71,6 +72,18 @@ class ModelHolder:
     def _age(self) -> float:
         loaded = self.current.loaded
         return time.time() - loaded.manifest.created_at if loaded else 0.0
+
+    def problem(self, stuck_after_s: float) -> str | None:
+        """Why the loader cannot keep the model current (dead thread, or one refresh running
+        for over `stuck_after_s`); None when it is healthy. A round that fails still ends:
+        Redis calls time out, so only a genuine hang stays inside one."""
+        if self._thread.ident is not None and not self._thread.is_alive() \
+                and not self._stop.is_set():
+            return "the model loader thread has died"
+        since = self._round_since
+        if since is not None and (took := time.monotonic() - since) > stuck_after_s:
+            return f"the model loader has been inside one refresh for {took:.0f} s"
+        return None
 
     def start(self) -> None:
         self._thread.start()
@@ -86,6 +99,7 @@ class ModelHolder:
     def _run(self) -> None:
         self._listener.start()
         while not self._stop.is_set():
+            self._round_since = time.monotonic()
             try:
                 self.refresh()
                 self.redis_ok = True
@@ -95,6 +109,7 @@ class ModelHolder:
                 self.redis_ok = False
             except Exception:  # noqa: BLE001 - the holder must outlive any single bad refresh
                 log.exception("refresh failed; serving the last good state")
+            self._round_since = None
             self._wake.wait(self.poll_interval_s)
             self._wake.clear()
 

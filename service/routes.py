@@ -181,9 +181,14 @@ def static_asset(name: str) -> FileResponse:
     return FileResponse(STATIC / name, media_type=ASSETS[name])
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is alive."""
+@router.get("/healthz", responses={503: {"description": "The model loader is stuck or dead: "
+                                         "the process no longer follows new versions."}})
+def healthz(holder: HolderDep, settings: SettingsDep, response: Response) -> dict[str, str]:
+    """The process is alive and its model loader is not stuck (a liveness check)."""
+    problem = holder.problem(settings.loader_stuck_s)
+    if problem is not None:
+        response.status_code = 503
+        return {"status": "stuck", "detail": problem}
     return {"status": "ok"}
 
 
