@@ -13,11 +13,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import redis
 
 from model.events import Interaction, Item
+
+SEEN_READ_MAX = 1_000  # seen ids read per request; beyond that, candidates are checked one by one
+
+
+@dataclass(frozen=True)
+class UserView:
+    """What one request reads of a user: the recent history and a bounded read of the seen-set.
+    When `complete` is false the user has seen more than was read; ask `FeatureStore.seen_among`
+    about the candidates before excluding."""
+
+    history: list[str]
+    seen: set[str]
+    complete: bool = True
 
 
 class FeatureStore:
@@ -57,8 +71,26 @@ class FeatureStore:
                         mapping={k: np.asarray(v, np.float32).tobytes() for k, v in feats.items()})
 
     # ------------------------------------------------------------------ reads (trainer, service)
+    def user_view(self, user_id: str, seen_max: int = SEEN_READ_MAX) -> UserView:
+        """The history and at most about `seen_max` seen ids, in one round trip: a request's
+        cost does not grow with how much the user has seen."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lrange(f"{self.ns}:hist:{user_id}", 0, -1)
+        pipe.sscan(f"{self.ns}:seen:{user_id}", 0, count=seen_max)
+        hist, (cursor, seen) = pipe.execute()
+        return UserView([h.decode() for h in hist], {s.decode() for s in seen},
+                        complete=int(cursor) == 0)
+
+    def seen_among(self, user_id: str, ids: Sequence[str]) -> set[str]:
+        """Which of `ids` the user has seen (one SMISMEMBER, however large the seen-set)."""
+        if not ids:
+            return set()
+        flags = self.r.smismember(f"{self.ns}:seen:{user_id}", list(ids))
+        return {i for i, f in zip(ids, flags, strict=True) if f}
+
     def user_state(self, user_id: str) -> tuple[list[str], set[str]]:
-        """(recent items oldest first, every item seen) in one round trip."""
+        """(recent items oldest first, every item seen) in one round trip. Reads the whole
+        seen-set: for tools and tests; requests use `user_view`."""
         pipe = self.r.pipeline(transaction=False)
         pipe.lrange(f"{self.ns}:hist:{user_id}", 0, -1)
         pipe.smembers(f"{self.ns}:seen:{user_id}")
