@@ -30,7 +30,8 @@ def run(settings: FeaturesSettings) -> None:
     """Poll, apply, commit; forever, until SIGTERM."""
     if settings.features_metrics_port:
         start_http_server(settings.features_metrics_port, addr="0.0.0.0")
-    store = FeatureStore(settings.redis_client(), settings.namespace, settings.history_len)
+    store = FeatureStore(settings.redis_client(), settings.namespace, settings.history_len,
+                         settings.user_ttl_s)
     transport = Transport(settings, settings.features_group, "features", dlq=True)
     transport.install_signal_handlers()
     log.info("features consumer up (group %s)", settings.features_group)

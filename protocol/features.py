@@ -3,6 +3,7 @@
 Keys under `{ns}:f:` —
   hist:{user}        list of recent item ids, newest last, trimmed to `history_len`
   seen:{user}        set of every item the user interacted with (excluded from results)
+                     (both expire `user_ttl_s` after the user's last event: idle users go)
   pop                sorted set of item interaction counts (cold-start fallback)
   items              hash item_id -> item JSON ({"item_id", "text", ...})
   items:log          list of item ids in order of (re)definition; readers keep a cursor
@@ -38,10 +39,11 @@ class FeatureStore:
     """Reads and writes of the features that serving uses at once, before any training."""
 
     def __init__(self, client: redis.Redis, namespace: str = "freshrec",
-                 history_len: int = 50) -> None:
+                 history_len: int = 50, user_ttl_s: int = 0) -> None:
         self.r = client
         self.ns = f"{namespace}:f"
         self.history_len = history_len
+        self.user_ttl_s = user_ttl_s  # 0: users never expire
 
     # ------------------------------------------------------------------ writes (features consumer)
     def apply(self, events: Sequence[Interaction]) -> None:
@@ -52,6 +54,10 @@ class FeatureStore:
             pipe.ltrim(f"{self.ns}:hist:{e.user_id}", -self.history_len, -1)
             pipe.sadd(f"{self.ns}:seen:{e.user_id}", e.item_id)
             pipe.zincrby(f"{self.ns}:pop", 1.0, e.item_id)
+        if self.user_ttl_s:
+            for user in {e.user_id for e in events}:
+                pipe.expire(f"{self.ns}:hist:{user}", self.user_ttl_s)
+                pipe.expire(f"{self.ns}:seen:{user}", self.user_ttl_s)
         pipe.execute()
 
     def upsert_items(self, items: Sequence[Item]) -> None:

