@@ -29,7 +29,13 @@ def apply(store: FeatureStore, polled: Polled) -> None:
 def run(settings: FeaturesSettings) -> None:
     """Poll, apply, commit; forever, until SIGTERM."""
     if settings.features_metrics_port:
-        start_http_server(settings.features_metrics_port, addr="0.0.0.0")
+        try:
+            start_http_server(settings.features_metrics_port, addr="0.0.0.0")
+        except OSError as exc:
+            raise SystemExit(f"features consumer: cannot serve metrics on port "
+                             f"{settings.features_metrics_port} ({exc.strerror}); set "
+                             "FRESHREC_FEATURES_METRICS_PORT to a free port (0 = no metrics)"
+                             ) from None
     store = FeatureStore(settings.redis_client(), settings.namespace, settings.history_len,
                          settings.user_ttl_s)
     transport = Transport(settings, settings.features_group, "features", dlq=True)

