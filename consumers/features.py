@@ -29,9 +29,15 @@ def apply(store: FeatureStore, polled: Polled) -> None:
 def run(settings: FeaturesSettings) -> None:
     """Poll, apply, commit; forever, until SIGTERM."""
     if settings.features_metrics_port:
-        start_http_server(settings.features_metrics_port, addr="0.0.0.0")
-    store = FeatureStore(redis.Redis.from_url(settings.redis_url), settings.namespace,
-                         settings.history_len)
+        try:
+            start_http_server(settings.features_metrics_port, addr="0.0.0.0")
+        except OSError as exc:
+            raise SystemExit(f"features consumer: cannot serve metrics on port "
+                             f"{settings.features_metrics_port} ({exc.strerror}); set "
+                             "FRESHREC_FEATURES_METRICS_PORT to a free port (0 = no metrics)"
+                             ) from None
+    store = FeatureStore(settings.redis_client(), settings.namespace, settings.history_len,
+                         settings.user_ttl_s)
     transport = Transport(settings, settings.features_group, "features", dlq=True)
     transport.install_signal_handlers()
     log.info("features consumer up (group %s)", settings.features_group)
@@ -43,7 +49,9 @@ def run(settings: FeaturesSettings) -> None:
                 try:
                     apply(store, polled)
                     break
-                except redis.exceptions.ConnectionError as exc:  # wait for Redis, lose nothing
+                except redis.exceptions.RedisError as exc:  # wait for Redis, lose nothing
+                    # (down, paused past the socket timeout, a read-only replica after a
+                    # failover: nothing is committed until the poll is applied)
                     log.warning("redis unavailable (%s); retrying", exc)
                     if not transport.running:
                         return

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers import metrics
@@ -23,6 +23,8 @@ from protocol.settings import CommonSettings
 from protocol.topics import Source, decode_interaction, decode_item, ensure_topics
 
 log = logging.getLogger(__name__)
+DLQ_WAIT_S = 10.0  # the longest a poll waits for its DLQ writes (their delivery timeout is 5 s)
+DLQ_RETRY_S = 1.0  # pause before a poll whose DLQ writes failed is fetched again
 
 
 @dataclass
@@ -57,10 +59,16 @@ class Transport:
             max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=1_500,
             fetch_max_wait_ms=50,
         )
-        self.producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5,
-                                      acks="all") if dlq else None
+        self.dlq = dlq
+        self.producer: KafkaProducer | None = self._dlq_producer() if dlq else None
         self.running = True
         self._last_lag = 0.0
+
+    def _dlq_producer(self) -> KafkaProducer:
+        # Delivery is bounded below DLQ_WAIT_S, so every DLQ write has an outcome to check.
+        return KafkaProducer(bootstrap_servers=self.s.kafka_bootstrap, linger_ms=5, acks="all",
+                             max_block_ms=4_000, request_timeout_ms=4_000,
+                             delivery_timeout_ms=5_000)
 
     def stop(self, *_: object) -> None:
         self.running = False
@@ -84,24 +92,52 @@ class Transport:
                         out.interactions.append((src, decode_interaction(rec.value)))
                 except InvalidRecord as err:
                     out.errors.append((src, rec.key, rec.value, err))
-                    metrics.DLQ.labels(self.name, err.reason).inc()
                 out.offsets[tp] = rec.offset + 1
-        if out.errors and self.producer is not None:
-            self._dead_letter(out.errors)
+        if out.errors and self.dlq and not self._dead_letter(out.errors):
+            # Nothing of this poll may be committed: fetch it again and retry the DLQ.
+            for tp, records in batches.items():
+                if records:
+                    self.consumer.seek(tp, records[0].offset)
+            time.sleep(DLQ_RETRY_S)
+            return Polled()
+        for _, _, _, invalid in out.errors:
+            metrics.DLQ.labels(self.name, invalid.reason).inc()
         self._update_lag()
         return out
 
     def _dead_letter(self, errors: list[tuple[Source, bytes | None, bytes | None,
-                                              InvalidRecord]]) -> None:
-        assert self.producer is not None
-        for src, key, value, err in errors:
-            headers = [("source_topic", src.topic.encode()),
-                       ("source_partition", str(src.partition).encode()),
-                       ("source_offset", str(src.offset).encode()),
-                       ("error", str(err).encode()[:1024]),
-                       ("error_reason", err.reason.encode())]
-            self.producer.send(self.s.topic_dlq, key=key, value=value, headers=headers)
-        self.producer.flush(timeout=10)  # the DLQ write must land before we commit past it
+                                              InvalidRecord]]) -> bool:
+        """Write the bad records to the DLQ and wait until each one is acknowledged. False if
+        any write failed: then the caller must not commit past them."""
+        try:
+            if self.producer is None:  # dropped after a failed write
+                self.producer = self._dlq_producer()
+            futures = []
+            for src, key, value, err in errors:
+                headers = [("source_topic", src.topic.encode()),
+                           ("source_partition", str(src.partition).encode()),
+                           ("source_offset", str(src.offset).encode()),
+                           ("error", str(err).encode()[:1024]),
+                           ("error_reason", err.reason.encode())]
+                futures.append(self.producer.send(self.s.topic_dlq, key=key, value=value,
+                                                  headers=headers))
+            self.producer.flush(timeout=DLQ_WAIT_S)
+            for f in futures:
+                f.get(timeout=0)  # raises the write's own error
+        except KafkaError as exc:
+            metrics.DLQ_FAILURES.labels(self.name).inc()
+            log.error("DLQ write failed (%s); the poll will be fetched again, nothing committed",
+                      exc)
+            # A fresh producer for the retry: one whose broker restarted can stay failed for
+            # good (the broker forgot its idempotent producer id).
+            old, self.producer = self.producer, None
+            if old is not None:
+                try:
+                    old.close(timeout=0)
+                except KafkaError:
+                    pass
+            return False
+        return True
 
     def _update_lag(self) -> None:
         now = time.monotonic()

@@ -11,6 +11,8 @@ LAG = Gauge("freshrec_consumer_lag", "Records behind the partition's high waterm
             "on brokers whose end offsets lag).", ["consumer", "topic", "partition"])
 DLQ = Counter("freshrec_dlq_messages", "Invalid records set aside (sent to the DLQ by the "
               "features consumer, skipped by the trainer).", ["consumer", "reason"])
+DLQ_FAILURES = Counter("freshrec_dlq_write_failures", "Polls whose DLQ writes failed (fetched "
+                       "again, not committed).", ["consumer"])
 
 FEATURES_APPLIED = Counter("freshrec_features_events_applied",
                            "Interactions written to the feature store.")

@@ -12,6 +12,8 @@ class FeaturesSettings(CommonSettings):
     features_group: str = "freshrec-features"
     features_metrics_port: int = 9101  # 0 = no metrics server
     history_len: int = 50  # recent items kept per user in Redis
+    user_ttl_s: int = 30 * 24 * 3600  # a user's history and seen-set expire this long after
+    # their last event (0: never), so idle users do not accumulate in Redis
 
 
 class TrainerSettings(CommonSettings):

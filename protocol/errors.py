@@ -21,3 +21,12 @@ class VerificationError(FreshrecError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class Unavailable(FreshrecError):
+    """A backing service (Kafka, Redis) cannot take a write now; retry after `retry_after` s."""
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after

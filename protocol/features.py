@@ -3,6 +3,7 @@
 Keys under `{ns}:f:` —
   hist:{user}        list of recent item ids, newest last, trimmed to `history_len`
   seen:{user}        set of every item the user interacted with (excluded from results)
+                     (both expire `user_ttl_s` after the user's last event: idle users go)
   pop                sorted set of item interaction counts (cold-start fallback)
   items              hash item_id -> item JSON ({"item_id", "text", ...})
   items:log          list of item ids in order of (re)definition; readers keep a cursor
@@ -13,21 +14,36 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import redis
 
 from model.events import Interaction, Item
 
+SEEN_READ_MAX = 1_000  # seen ids read per request; beyond that, candidates are checked one by one
+
+
+@dataclass(frozen=True)
+class UserView:
+    """What one request reads of a user: the recent history and a bounded read of the seen-set.
+    When `complete` is false the user has seen more than was read; ask `FeatureStore.seen_among`
+    about the candidates before excluding."""
+
+    history: list[str]
+    seen: set[str]
+    complete: bool = True
+
 
 class FeatureStore:
     """Reads and writes of the features that serving uses at once, before any training."""
 
     def __init__(self, client: redis.Redis, namespace: str = "freshrec",
-                 history_len: int = 50) -> None:
+                 history_len: int = 50, user_ttl_s: int = 0) -> None:
         self.r = client
         self.ns = f"{namespace}:f"
         self.history_len = history_len
+        self.user_ttl_s = user_ttl_s  # 0: users never expire
 
     # ------------------------------------------------------------------ writes (features consumer)
     def apply(self, events: Sequence[Interaction]) -> None:
@@ -38,6 +54,10 @@ class FeatureStore:
             pipe.ltrim(f"{self.ns}:hist:{e.user_id}", -self.history_len, -1)
             pipe.sadd(f"{self.ns}:seen:{e.user_id}", e.item_id)
             pipe.zincrby(f"{self.ns}:pop", 1.0, e.item_id)
+        if self.user_ttl_s:
+            for user in {e.user_id for e in events}:
+                pipe.expire(f"{self.ns}:hist:{user}", self.user_ttl_s)
+                pipe.expire(f"{self.ns}:seen:{user}", self.user_ttl_s)
         pipe.execute()
 
     def upsert_items(self, items: Sequence[Item]) -> None:
@@ -69,8 +89,26 @@ class FeatureStore:
         return {i for i, stored in zip(values, pipe.execute(), strict=True) if not stored}
 
     # ------------------------------------------------------------------ reads (trainer, service)
+    def user_view(self, user_id: str, seen_max: int = SEEN_READ_MAX) -> UserView:
+        """The history and at most about `seen_max` seen ids, in one round trip: a request's
+        cost does not grow with how much the user has seen."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lrange(f"{self.ns}:hist:{user_id}", 0, -1)
+        pipe.sscan(f"{self.ns}:seen:{user_id}", 0, count=seen_max)
+        hist, (cursor, seen) = pipe.execute()
+        return UserView([h.decode() for h in hist], {s.decode() for s in seen},
+                        complete=int(cursor) == 0)
+
+    def seen_among(self, user_id: str, ids: Sequence[str]) -> set[str]:
+        """Which of `ids` the user has seen (one SMISMEMBER, however large the seen-set)."""
+        if not ids:
+            return set()
+        flags = self.r.smismember(f"{self.ns}:seen:{user_id}", list(ids))
+        return {i for i, f in zip(ids, flags, strict=True) if f}
+
     def user_state(self, user_id: str) -> tuple[list[str], set[str]]:
-        """(recent items oldest first, every item seen) in one round trip."""
+        """(recent items oldest first, every item seen) in one round trip. Reads the whole
+        seen-set: for tools and tests; requests use `user_view`."""
         pipe = self.r.pipeline(transaction=False)
         pipe.lrange(f"{self.ns}:hist:{user_id}", 0, -1)
         pipe.smembers(f"{self.ns}:seen:{user_id}")

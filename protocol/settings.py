@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -19,6 +20,14 @@ class CommonSettings(BaseSettings):
     topic_dlq: str = "freshrec.dlq"
     partitions: int = 4  # used when freshrec creates the topics itself
     hmac_key: SecretStr = SecretStr("")  # signs and verifies published weights; never in Redis
+    redis_timeout_s: float = 5.0  # connect / read timeout of every Redis call: a hung Redis
+    # (paused, partitioned) raises after this long instead of blocking the process for good
+
+    def redis_client(self) -> redis.Redis:
+        """A Redis client whose calls time out (see `redis_timeout_s`)."""
+        return redis.Redis.from_url(self.redis_url, socket_timeout=self.redis_timeout_s,
+                                    socket_connect_timeout=self.redis_timeout_s,
+                                    health_check_interval=30)
 
     def require_hmac_key(self) -> bytes:
         """Fail fast with a sentence a person understands when the signing key is missing."""

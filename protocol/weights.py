@@ -2,6 +2,7 @@
 
 Keys under `{ns}:w:` —
   seq                 INCR counter handing out version numbers
+  epoch               random id of this store's history, created when the history is empty
   v:{n}:manifest      JSON manifest (immutable, SET NX)
   v:{n}:blob:{i}      safetensors bytes, chunk i (immutable, SET NX)
   versions            sorted set of live versions (for retention and rollback)
@@ -11,6 +12,13 @@ MULTI/EXEC; subscribers also poll `current`, because pub/sub loses messages whil
 
 A manifest carries an HMAC (key from the environment, never stored in Redis) over all its other
 fields, among them the blob's sha256, so neither the blob nor the metadata can be swapped.
+
+Version numbers alone do not identify a version: a Redis that lost its data hands them out
+again. So a manifest also names its epoch (the store's history) and its parent's digest (the
+sha256 of the parent's signed manifest, which covers the parent's blob hash and, in turn, its
+own parent's digest): a chain can neither loop nor splice into another history. A delta must
+have its parent in the same epoch; a publisher whose parent is gone gets `StaleParent` and
+publishes a full snapshot instead.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +38,14 @@ from model.serialization import WeightsError, apply_delta, from_bytes
 from protocol.errors import VerificationError
 
 CHUNK_BYTES = 4 * 1024 * 1024
+# Fields added to the manifest later; they are signed only when set, so manifests written before
+# them keep verifying (and stripping a set one breaks the HMAC, since it was signed).
+LATER_FIELDS = ("parent_digest", "epoch")
+
+
+class StaleParent(WeightsError):
+    """A delta's parent is not the stored version of that number (the store lost its history,
+    or another publisher moved on): publish a full snapshot instead."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +63,21 @@ class Manifest:
     created_at: float
     trained_through: dict[str, Any] = field(default_factory=dict)  # offsets, event/produce times
     hmac: str = ""
+    parent_digest: str | None = None  # digest() of the parent's manifest (None: no parent/legacy)
+    epoch: str = ""  # the store history this version belongs to ("" before epochs existed)
 
     def signed_payload(self) -> bytes:
         body = asdict(self)
         body.pop("hmac")
+        for name in LATER_FIELDS:
+            if body[name] in (None, ""):
+                body.pop(name)
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def digest(self) -> str:
+        """sha256 of the signed content: names this exact version (and, through the blob hash
+        and the parent digest it covers, its whole chain), whatever number it carries."""
+        return hashlib.sha256(self.signed_payload()).hexdigest()
 
     def sign(self, key: bytes) -> Manifest:
         digest = hmac.new(key, self.signed_payload(), hashlib.sha256).hexdigest()
@@ -83,16 +110,47 @@ class WeightStore:
         self.channel = f"{self.ns}:published"
 
     # ------------------------------------------------------------------ writing
-    def publish(self, blob: bytes, *, parent: int | None, kind: str, config: dict[str, Any],
-                encoder: str, trained_through: dict[str, Any]) -> Manifest:
-        """Store a new immutable version, then move the pointer and notify, atomically."""
+    def epoch(self) -> str:
+        """The id of this store's history, created (once, `SET NX`) when there is none: after
+        Redis lost its data the next publish starts a new epoch."""
+        key = f"{self.ns}:epoch"
+        self.r.set(key, secrets.token_hex(8), nx=True)
+        raw = self.r.get(key)
+        return raw.decode() if isinstance(raw, bytes) else str(raw or "")
+
+    def extends(self, parent: Manifest) -> bool:
+        """Whether a delta on top of `parent` may be published: it is still the stored version
+        of its number, in the current epoch."""
+        raw = self._raw_manifest(parent.version)
+        return (raw is not None and parent.epoch == self.epoch()
+                and _digest_of(raw) == parent.digest())
+
+    def publish(self, blob: bytes, *, parent: Manifest | int | None, kind: str,
+                config: dict[str, Any], encoder: str, trained_through: dict[str, Any]
+                ) -> Manifest:
+        """Store a new immutable version, then move the pointer and notify, atomically.
+
+        `parent` is the manifest the weights were trained from. (A bare number is accepted for
+        older callers; then the stored manifest of that number is taken as the parent.) A delta
+        whose parent is not the stored version in this epoch raises `StaleParent`; a full
+        snapshot whose parent is from another epoch is published without a parent."""
         if kind not in ("full", "delta"):
             raise ValueError("kind must be 'full' or 'delta'")
+        epoch = self.epoch()
+        parent_m = (_manifest_or_none(self._raw_manifest(parent)) if isinstance(parent, int)
+                    else parent)
+        same_history = parent_m is not None and self.extends(parent_m)
+        if kind == "delta" and not same_history:
+            named = parent_m.version if parent_m is not None else parent
+            raise StaleParent(f"parent {named} is not in this store's history (epoch {epoch})")
+        if not same_history:
+            parent_m = None
         version = int(self.r.incr(f"{self.ns}:seq"))
         chunks = [blob[i: i + CHUNK_BYTES] for i in range(0, len(blob), CHUNK_BYTES)] or [b""]
-        manifest = Manifest(version, parent, kind, config, encoder,
+        manifest = Manifest(version, parent_m.version if parent_m else None, kind, config, encoder,
                             hashlib.sha256(blob).hexdigest(), len(blob), len(chunks), time.time(),
-                            trained_through).sign(self.key)
+                            trained_through, parent_digest=parent_m.digest() if parent_m else None,
+                            epoch=epoch).sign(self.key)
         pipe = self.r.pipeline(transaction=False)
         for i, chunk in enumerate(chunks):
             pipe.set(f"{self.ns}:v:{version}:blob:{i}", chunk, nx=True)
@@ -129,13 +187,20 @@ class WeightStore:
                 self.r.zrem(f"{self.ns}:versions", str(v))
 
     def _chain_versions(self, version: int) -> list[int]:
-        chain, v = [], version
-        while v is not None:
-            chain.append(v)
+        """The versions `version` needs (itself back to its full snapshot), unverified: what
+        retention must keep. Stops at a missing manifest, a repeated version or a parent from
+        another epoch, so a looping chain cannot hang it."""
+        chain: list[int] = []
+        v: int | None = version
+        epoch = None
+        while v is not None and v not in chain:
             m = self._raw_manifest(v)
-            if m is None or m.get("kind") == "full":
+            if m is None or (epoch is not None and m.get("epoch", "") != epoch):
                 break
-            v = m.get("parent")
+            chain.append(v)
+            if m.get("kind") == "full":
+                break
+            epoch, v = m.get("epoch", ""), m.get("parent")
         return chain
 
     # ------------------------------------------------------------------ reading
@@ -186,19 +251,10 @@ class WeightStore:
 
     def load(self, version: int, have: LoadedVersion | None = None) -> LoadedVersion:
         """Materialise `version`, applying deltas from `have` when it is on the chain, else from
-        the chain's full snapshot. Every manifest and blob on the way is verified."""
-        chain: list[Manifest] = []
-        v: int | None = version
-        while v is not None:
-            if have is not None and v == have.manifest.version:
-                break
-            m = self.manifest(v)
-            chain.append(m)
-            if m.kind == "full":
-                break
-            v = m.parent
-        else:
-            raise VerificationError("broken_chain", f"version {version} has no full ancestor")
+        the chain's full snapshot. Every manifest and blob on the way is verified, and each
+        parent must be the very version its child names (digest, epoch): a chain that loops or
+        splices into another history is refused."""
+        chain = self._chain(version, have)
         if not chain:
             assert have is not None
             return have
@@ -214,3 +270,48 @@ class WeightStore:
         except WeightsError as exc:
             raise VerificationError("bad_blob", str(exc)) from exc
         return LoadedVersion(chain[0], tensors, ids)
+
+    def _chain(self, version: int, have: LoadedVersion | None) -> list[Manifest]:
+        """Verified manifests from `version` back to a full snapshot, or to the child of `have`
+        (newest first; empty when `version` is `have` itself)."""
+        if have is not None and version == have.manifest.version:
+            return []
+        chain = [self.manifest(version)]
+        seen = {version}
+        while chain[-1].kind == "delta":
+            child = chain[-1]
+            if child.parent is None:
+                raise VerificationError("broken_chain", f"version {version} has no full ancestor")
+            if child.parent in seen or child.parent >= child.version:
+                raise VerificationError("chain_loop", f"version {child.version} names parent "
+                                        f"{child.parent}, which is not older than it")
+            if have is not None and child.parent == have.manifest.version and \
+                    _parent_matches(child, have.manifest):
+                break
+            parent = self.manifest(child.parent)
+            if not _parent_matches(child, parent):
+                raise VerificationError("broken_chain", f"version {child.version}: parent "
+                                        f"{child.parent} is another version (store lost data?)")
+            seen.add(parent.version)
+            chain.append(parent)
+        return chain
+
+
+def _parent_matches(child: Manifest, parent: Manifest) -> bool:
+    """Whether `parent` is the version `child` was made from. Manifests from before digests and
+    epochs existed carry neither; for them only the number can be checked."""
+    if child.parent_digest is None:
+        return child.epoch == "" and parent.version == child.parent
+    return parent.digest() == child.parent_digest and parent.epoch == child.epoch
+
+
+def _manifest_or_none(raw: dict[str, Any] | None) -> Manifest | None:
+    try:
+        return Manifest(**raw) if raw is not None else None
+    except TypeError:
+        return None
+
+
+def _digest_of(raw: dict[str, Any]) -> str | None:
+    m = _manifest_or_none(raw)
+    return m.digest() if m is not None else None

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.encoder import TextEncoder
+from protocol.errors import Unavailable
 from protocol.features import FeatureStore
 from protocol.weights import WeightStore
 from service import metrics
@@ -30,9 +31,20 @@ log = logging.getLogger("freshrec.service")
 
 
 class LazyProducer:
-    """A Kafka producer created on first use, so the API starts (and serves) without Kafka."""
+    """A Kafka producer created on first use, so the API starts (and serves) without Kafka.
 
-    RETRY_AFTER_S = 5.0  # after a failed connect, answer 503 at once for this long
+    Every write is bounded: a send answers within about `SEND_BUDGET_S` (a broker that went
+    away after startup included), and after a failure the next `RETRY_AFTER_S` of writes answer
+    503 at once, so failing writes never pin the worker threads `/recommend` needs."""
+
+    RETRY_AFTER_S = 2.0  # after a failure, answer 503 at once for this long (then try again)
+    SEND_BUDGET_S = 1.0  # the longest a write waits for the broker
+    # Producer timeouts that add up to the budget: metadata / buffer space (`max_block_ms`),
+    # then delivery (`delivery_timeout_ms` >= request timeout + linger). Reconnect attempts back
+    # off to at most 1 s, so writes resume within a second or two of the broker's return.
+    CONFIG = dict(acks="all", linger_ms=2, max_block_ms=300, request_timeout_ms=650,
+                  delivery_timeout_ms=700, bootstrap_timeout_ms=1000,
+                  reconnect_backoff_max_ms=1000)
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
@@ -40,45 +52,79 @@ class LazyProducer:
         self._lock = threading.Lock()
         self._failed: tuple[float, str] | None = None  # (monotonic time, error) of the last try
 
-    def _recent_failure(self):  # noqa: ANN202
-        from fastapi import HTTPException
+    def _unavailable(self, error: str) -> Unavailable:
+        return Unavailable(f"Kafka is unavailable, nothing was accepted: {error}",
+                           self.RETRY_AFTER_S)
 
+    def _fail(self, exc: Exception) -> Unavailable:
+        self._failed = (time.monotonic(), str(exc) or type(exc).__name__)
+        return self._unavailable(self._failed[1])
+
+    def _check_breaker(self) -> None:
         failed = self._failed
         if failed is not None and time.monotonic() - failed[0] < self.RETRY_AFTER_S:
-            return HTTPException(503, f"Kafka is unavailable: {failed[1]}",
-                                 headers={"Retry-After": str(int(self.RETRY_AFTER_S))})
-        return None
+            raise self._unavailable(failed[1])
 
     def get(self):  # noqa: ANN201 - kafka.KafkaProducer
-        from fastapi import HTTPException
+        """The producer, connecting on first use; `Unavailable` while Kafka is known down."""
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
 
         if self._producer is not None:
             return self._producer
-        # Fail fast while Kafka is known to be down: otherwise every write request would queue
-        # on the lock for a full bootstrap timeout and pin the worker threads /recommend needs.
-        if (exc := self._recent_failure()) is not None:
-            raise exc
-        with self._lock:
-            if (exc := self._recent_failure()) is not None:
-                raise exc
+        self._check_breaker()
+        # One thread connects; the others wait at most one budget, never a queue of timeouts.
+        if not self._lock.acquire(timeout=self.SEND_BUDGET_S):
+            raise self._unavailable("still connecting")
+        try:
+            self._check_breaker()
             if self._producer is None:
                 try:
-                    self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                                   linger_ms=2, request_timeout_ms=5000,
-                                                   max_block_ms=5000, bootstrap_timeout_ms=5000)
+                    self._producer = KafkaProducer(bootstrap_servers=self.bootstrap,
+                                                   **self.CONFIG)
                 except KafkaError as exc:
-                    self._failed = (time.monotonic(), str(exc) or type(exc).__name__)
-                    raise HTTPException(503, f"Kafka is unavailable: {exc}",
-                                        headers={"Retry-After": str(int(self.RETRY_AFTER_S))}
-                                        ) from exc
+                    raise self._fail(exc) from exc
                 self._failed = None
             return self._producer
+        finally:
+            self._lock.release()
+
+    def send(self, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+        """Send and wait for every acknowledgement within the budget, else `Unavailable`."""
+        from kafka.errors import KafkaError
+
+        self._check_breaker()
+        kafka = self.get()
+        deadline = time.monotonic() + self.SEND_BUDGET_S
+        try:
+            futures = [kafka.send(topic, key=key, value=value) for key, value in records]
+            for f in futures:
+                f.get(timeout=max(0.0, deadline - time.monotonic()))
+        except KafkaError as exc:
+            # Start from a fresh producer on the next try: one that lost its broker can be left
+            # in a state it never leaves (a restarted broker forgot its producer id).
+            self._discard(kafka)
+            raise self._fail(exc) from exc
+        self._failed = None
+
+    def _discard(self, kafka: object) -> None:
+        with self._lock:
+            if self._producer is kafka:
+                self._producer = None
+        self._close(kafka, timeout=0)
+
+    @staticmethod
+    def _close(kafka: object, timeout: float) -> None:
+        from kafka.errors import KafkaError
+
+        try:
+            kafka.close(timeout=timeout)  # type: ignore[attr-defined]
+        except KafkaError as exc:  # records it could not deliver were already answered 503
+            log.warning("closing the Kafka producer: %s", exc)
 
     def close(self) -> None:
         if self._producer is not None:
-            self._producer.close(timeout=5)
+            self._close(self._producer, timeout=5)
 
 
 class Guard:

@@ -8,26 +8,27 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
 
-from protocol.features import FeatureStore
+from protocol.features import FeatureStore, UserView
 from service.holder import ModelHolder
 from service.settings import ServiceSettings
 
 
 class UserCache:
-    """Last known (history, seen) per user: what we serve while Redis is unreachable."""
+    """Last known view (history, bounded seen ids) per user: what we serve while Redis is
+    unreachable."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._d: OrderedDict[str, tuple[list[str], set[str]]] = OrderedDict()
+        self._d: OrderedDict[str, UserView] = OrderedDict()
 
-    def put(self, user: str, state: tuple[list[str], set[str]]) -> None:
+    def put(self, user: str, state: UserView) -> None:
         self._d[user] = state
         self._d.move_to_end(user)
         while len(self._d) > self.size:
             self._d.popitem(last=False)
 
-    def get(self, user: str) -> tuple[list[str], set[str]]:
-        return self._d.get(user, ([], set()))
+    def get(self, user: str) -> UserView:
+        return self._d.get(user, UserView([], set()))
 
 
 def get_settings(request: Request) -> ServiceSettings:

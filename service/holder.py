@@ -28,6 +28,7 @@ from protocol.weights import LoadedVersion, WeightStore
 from service import metrics
 
 log = logging.getLogger("freshrec.service")
+RETRY_MAX_S = 300.0  # a version that failed to build is tried again after 1, 2, 4 ... this many s
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ModelHolder:
         self.swaps = 0
         self.refused: dict[int, str] = {}  # version -> reason; never retried
         self._refused_sig: dict[int, str | None] = {}  # version -> HMAC of the refused manifest
+        # version -> (HMAC, failures, monotonic time of the next try) of a build that failed for
+        # another reason than verification (a bug, memory): retried, but with a growing pause
+        self._failed_builds: dict[int, tuple[str | None, int, float]] = {}
         self.redis_ok = True
         self._build_seconds = 0.0  # moving average of load + verify + build of one version
         self._last_swap = 0.0
@@ -60,6 +64,7 @@ class ModelHolder:
         self._text: dict[str, np.ndarray] = {}
         self._unshared: set[str] = set()  # items whose features this server encoded itself
         self._cursor = 0
+        self._round_since: float | None = None  # monotonic start of the refresh in progress
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-holder", daemon=True)
@@ -69,6 +74,18 @@ class ModelHolder:
     def _age(self) -> float:
         loaded = self.current.loaded
         return time.time() - loaded.manifest.created_at if loaded else 0.0
+
+    def problem(self, stuck_after_s: float) -> str | None:
+        """Why the loader cannot keep the model current (dead thread, or one refresh running
+        for over `stuck_after_s`); None when it is healthy. A round that fails still ends:
+        Redis calls time out, so only a genuine hang stays inside one."""
+        if self._thread.ident is not None and not self._thread.is_alive() \
+                and not self._stop.is_set():
+            return "the model loader thread has died"
+        since = self._round_since
+        if since is not None and (took := time.monotonic() - since) > stuck_after_s:
+            return f"the model loader has been inside one refresh for {took:.0f} s"
+        return None
 
     def start(self) -> None:
         self._thread.start()
@@ -84,6 +101,7 @@ class ModelHolder:
     def _run(self) -> None:
         self._listener.start()
         while not self._stop.is_set():
+            self._round_since = time.monotonic()
             try:
                 self.refresh()
                 self.redis_ok = True
@@ -93,6 +111,7 @@ class ModelHolder:
                 self.redis_ok = False
             except Exception:  # noqa: BLE001 - the holder must outlive any single bad refresh
                 log.exception("refresh failed; serving the last good state")
+            self._round_since = None
             self._wake.wait(self.poll_interval_s)
             self._wake.clear()
 
@@ -123,6 +142,9 @@ class ModelHolder:
         new = target is not None and not (target == cur.version and sig in (None, served))
         if new and target in self.refused and self._refused_sig.get(target) == sig:
             new = False  # refused once, never retried (unless the number now names another one)
+        failed = self._failed_builds.get(target) if target is not None else None
+        if new and failed is not None and failed[0] == sig and time.monotonic() < failed[2]:
+            new = False  # failed to build a moment ago: wait out its backoff
         if new and cur.loaded is not None and \
                 time.monotonic() - self._last_swap < 2 * self._build_seconds:
             new = False  # a build costs CPU that requests need: at most half of one core on it
@@ -146,7 +168,13 @@ class ModelHolder:
                 metrics.SWAP_FAILURES.labels(reason).inc()
                 log.error("refused version %s (%s); still serving %s", target, exc, cur.version)
                 return
+            except redis.exceptions.RedisError:
+                raise  # Redis is down, the version may be fine: the loop's own retry
+            except Exception as exc:  # noqa: BLE001 - a bug or resource error building it
+                self._build_failed(target, sig, exc, cur.version)
+                return
             self.refused.pop(target, None)
+            self._failed_builds.pop(target, None)
             self._build_seconds = 0.7 * self._build_seconds + 0.3 * (time.monotonic() - t0)
             self._last_swap = time.monotonic()
             self._swap(Snapshot(target, loaded, scorer, dict(self._catalog)))
@@ -155,6 +183,17 @@ class ModelHolder:
                                     dict(self._catalog))
         elif catalog_changed:
             self.current = Snapshot(0, None, None, dict(self._catalog))
+
+    def _build_failed(self, target: int, sig: str | None, exc: Exception, serving: int) -> None:
+        """Count a failed build and set when to try it again (1, 2, 4 ... RETRY_MAX_S s), so a
+        version that cannot be built does not cost a full load and build at every poll."""
+        old = self._failed_builds.get(target)
+        failures = old[1] + 1 if old is not None and old[0] == sig else 1
+        pause = min(RETRY_MAX_S, 2.0 ** (failures - 1))
+        self._failed_builds = {target: (sig, failures, time.monotonic() + pause)}  # only the newest
+        metrics.SWAP_FAILURES.labels("build_error").inc()
+        log.error("version %s failed to build (%s: %s); still serving %s, next try in %.0f s",
+                  target, type(exc).__name__, exc, serving, pause)
 
     def _swap(self, snap: Snapshot) -> None:
         self.current = snap  # one reference assignment: atomic for every reader

