@@ -253,7 +253,7 @@ def run(settings: TrainerSettings) -> None:
         torch.set_num_threads(settings.torch_threads)
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, addr="0.0.0.0")
-    client = redis.Redis.from_url(settings.redis_url)
+    client = settings.redis_client()  # every call times out: a paused Redis cannot hang us
     trainer = Trainer(settings, build_learner(settings),
                       WeightStore(client, key, settings.namespace, settings.keep_versions),
                       FeatureStore(client, settings.namespace))
@@ -268,7 +268,7 @@ def run(settings: TrainerSettings) -> None:
                 try:
                     done = trainer.on_poll(polled, time.monotonic())
                     break
-                except redis.exceptions.ConnectionError as exc:
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                     log.warning("redis unavailable (%s); retrying the publish", exc)
                     polled = Polled()
                     if not transport.running:
