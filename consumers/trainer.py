@@ -242,7 +242,8 @@ def build_encoder(settings: TrainerSettings) -> TextEncoder:
 
 
 def build_learner(settings: TrainerSettings) -> OnlineLearner:
-    cfg = ModelConfig(encoder_path=settings.encoder_path, policy=settings.policy)
+    cfg = ModelConfig(encoder_path=settings.encoder_path, policy=settings.policy,
+                      item_tower=settings.item_tower)
     return OnlineLearner(cfg, build_encoder(settings), device=settings.device)
 
 
