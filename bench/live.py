@@ -40,6 +40,7 @@ import httpx
 from freshrec.data import Dataset, Interaction, hash_ties, load_movielens, ml100k_dir
 
 K = 10
+SEND_EVERY_S = 0.025  # the client batches its POST /events: fewer requests for the API to parse
 
 
 def _free_port() -> int:
@@ -180,7 +181,7 @@ def _replay(base: str, stream: Sequence[Interaction], rate: float, stride: int,
             token: str) -> dict[str, Any]:
     """Paced replay: event i is due at i / rate. A scored event's ranking is asked for when it is
     due, and the event is sent once the answer is in; each user's events are sent in order, and
-    what is ready goes out as one `POST /events` every 10 ms (so a slow ranking delays only its
+    what is ready goes out as one `POST /events` every 25 ms (so a slow ranking delays only its
     own user, and the client keeps the pace at 1,000 events/s)."""
     return asyncio.run(_replay_async(base, stream, rate, stride, token))
 
@@ -232,7 +233,7 @@ async def _replay_async(base: str, stream: Sequence[Interaction], rate: float, s
 
         async def sender() -> None:
             while not (done.is_set() and not ready):
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(SEND_EVERY_S)
                 while ready:
                     batch = ready[:1000]
                     del ready[:1000]
@@ -279,8 +280,11 @@ def offline(ds: Dataset, events: Sequence[Interaction], n_warm: int, rate: float
     batching at `rate` (no held-out warm-up events: the live client sends them all)."""
     from bench import quality
 
+    # ties="id" keeps `events` in the order given (the live order); seed 0 is the trainer's
+    # model seed, so both sides start from the same initialisation
     cfg = quality.QualityConfig(rate=rate, warmup_events=n_warm, holdout=False, per_event=True,
-                                loo=False, window=max(1, len(events) - n_warm))
+                                loo=False, window=max(1, len(events) - n_warm), ties="id",
+                                seed=0)
     data = replace(ds, interactions=list(events))
     out = quality.run_quality(data, list(methods), cfg)
     return {m: r["per_event"] for m, r in out["methods"].items()}
@@ -425,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="freshrec bench live", description=__doc__.split("\n")[0])
     p.add_argument("--rates", default="20,200,1000", help="comma-separated events/s")
     p.add_argument("--scored", type=int, default=5000, help="rankings scored per rate")
-    p.add_argument("--max-get-rate", type=float, default=100.0,
+    p.add_argument("--max-get-rate", type=float, default=50.0,
                    help="most GET /recommend per second the client asks for (it shares 2 cores "
                    "with the stack); faster streams score every s-th event")
     p.add_argument("--seed", type=int, default=0, help="seed of the same-second tie order")

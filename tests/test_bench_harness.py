@@ -336,3 +336,31 @@ def test_registry_accepts_new_methods(tmp_path: Path) -> None:
         del quality.METHODS["test-oracle"]
     assert result["methods"]["test-oracle"]["hr@10"] == 1.0
     assert result["forgetting"]["method"] == "test-oracle"
+
+
+class Recorder(Never):
+    """Remembers the order in which it learned events."""
+
+    learned: list[Interaction] = []
+
+    def learn(self, batch: Sequence[Interaction]) -> None:
+        Recorder.learned.extend(batch)
+
+
+def test_live_bench_offline_side_keeps_the_live_order() -> None:
+    """`freshrec bench live` compares the live replay with the offline run on the same events in
+    the same order; the offline side once re-sorted them by the seed-0 tie hash, so any other
+    seed compared different streams."""
+    from bench import live
+
+    ds = tiny_dataset()
+    same_second = [Interaction("a", f"i{n}", 5.0) for n in (9, 3, 7, 1, 5, 2, 8)]
+    events = ds.interactions[:6] + same_second  # not in any hash order
+    quality.register("recorder", lambda catalog, qcfg: Recorder())
+    Recorder.learned = []
+    try:
+        per_event = live.offline(ds, events, n_warm=6, rate=100.0, methods=["recorder"])
+    finally:
+        quality.METHODS.pop("recorder")
+    assert Recorder.learned == events, "the offline side learned another order"
+    assert len(per_event["recorder"]) == len(same_second)
