@@ -8,7 +8,9 @@ consumer, the trainer and the API, each its own process, started as `freshrec up
    trained through every warm-up event;
 2. the next events are replayed at the rate: for a scored event, `GET /recommend` for its user
    (history from the features store, seen items excluded) and the event's item is scored (HR@10,
-   NDCG@10); then the event is sent with `POST /events`. A client on this 2-core machine cannot
+   NDCG@10); then the event is sent with `POST /events`. "short history" counts rankings whose
+   `history_used` was below the user's events so far (capped at the user tower's 20): the
+   features store had not applied the user's newest event yet. A client on this 2-core machine cannot
    ask for 1,000 rankings a second beside the whole stack, so above `--max-get-rate` only every
    s-th event is scored (s = ceil(rate / max-get-rate)); every event is still sent;
 3. the same events, in the same order, run through the offline benchmark (`bench.quality`) with
@@ -40,6 +42,7 @@ import httpx
 from freshrec.data import Dataset, Interaction, hash_ties, load_movielens, ml100k_dir
 
 K = 10
+HISTORY_LEN = 20  # the user tower's window (ModelConfig.history_len): what history_used counts
 SEND_EVERY_S = 0.025  # the client batches its POST /events: fewer requests for the API to parse
 
 
@@ -155,7 +158,10 @@ def replay_live(ds: Dataset, events: Sequence[Interaction], n_warm: int, rate: f
             warm_s = time.monotonic() - t0
             time.sleep(2.0)  # the features consumer is milliseconds behind; be generous
             before = _metrics(client)
-            result = _replay(live.base, events[n_warm:], rate, stride, live.token)
+            prior: dict[str, int] = {}
+            for e in events[:n_warm]:
+                prior[e.user_id] = prior.get(e.user_id, 0) + 1
+            result = _replay(live.base, events[n_warm:], rate, stride, live.token, prior)
             time.sleep(1.0)
             after = _metrics(client)
             result.update(
@@ -178,20 +184,26 @@ def _ok(client: httpx.Client, path: str) -> bool:
 
 
 def _replay(base: str, stream: Sequence[Interaction], rate: float, stride: int,
-            token: str) -> dict[str, Any]:
+            token: str, prior: dict[str, int]) -> dict[str, Any]:
     """Paced replay: event i is due at i / rate. A scored event's ranking is asked for when it is
     due, and the event is sent once the answer is in; each user's events are sent in order, and
     what is ready goes out as one `POST /events` every 25 ms (so a slow ranking delays only its
     own user, and the client keeps the pace at 1,000 events/s)."""
-    return asyncio.run(_replay_async(base, stream, rate, stride, token))
+    return asyncio.run(_replay_async(base, stream, rate, stride, token, prior))
 
 
 async def _replay_async(base: str, stream: Sequence[Interaction], rate: float, stride: int,
-                        token: str) -> dict[str, Any]:
+                        token: str, prior: dict[str, int]) -> dict[str, Any]:
     hits: dict[int, tuple[float, float]] = {}
     versions: set[int] = set()
     latencies: list[float] = []
     errors = [0]
+    short_history = [0]
+    seen_before: list[int] = []  # the user's events before event i in the replayed stream
+    count = dict(prior)  # events per user before the replay (the warm-up)
+    for e in stream:
+        seen_before.append(count.get(e.user_id, 0))
+        count[e.user_id] = seen_before[-1] + 1
     ready: list[tuple[dict[str, Any], asyncio.Future[None]]] = []  # (event, its `sent`)
     # per user, the newest event's (queued, sent) futures: a user's events are queued in order,
     # and a ranking is asked for only once the user's previous event was accepted (202)
@@ -218,6 +230,8 @@ async def _replay_async(base: str, stream: Sequence[Interaction], rate: float, s
             rank = ranked.index(e.item_id) if e.item_id in ranked else -1
             hits[i] = (1.0, 1.0 / math.log2(rank + 2)) if rank >= 0 else (0.0, 0.0)
             versions.add(int(body["model_version"]))
+            if body.get("history_used", 0) < min(HISTORY_LEN, seen_before[i]):
+                short_history[0] += 1  # the user's newest events were not in the features yet
 
         async def handle(i: int, e: Interaction,
                          before: tuple[asyncio.Future[None], asyncio.Future[None]] | None,
@@ -269,6 +283,7 @@ async def _replay_async(base: str, stream: Sequence[Interaction], rate: float, s
         "hits": [h for h, _ in scored], "ndcgs": [g for _, g in scored], "errors": errors[0],
         "achieved_rate": len(stream) / wall, "max_lateness_s": late,
         "versions_seen": len(versions),
+        "short_history": short_history[0],
         "recommend_ms": {"p50": 1e3 * latencies[len(latencies) // 2],
                          "p99": 1e3 * latencies[int(0.99 * (len(latencies) - 1))]},
     }
@@ -319,7 +334,8 @@ def run(rates: Sequence[float], scored: int, max_get_rate: float, seed: int, hom
             "stream_events": n_stream, "scored": len(live["hits"]),
             f"live_hr@{K}": _mean(live["hits"]), f"live_ndcg@{K}": _mean(live["ndcgs"]),
             **{k: live[k] for k in ("errors", "freshness_s", "recommend_ms", "served_versions",
-                                    "versions_seen", "warmup_s", "max_lateness_s")},
+                                    "versions_seen", "warmup_s", "max_lateness_s",
+                                    "short_history")},
         }
         for method, pe in per_event.items():
             sampled = pe[::stride][: len(live["hits"])]
@@ -378,8 +394,8 @@ def _s(v: float | None) -> str:
 def format_table(result: dict[str, Any]) -> str:
     head = (f"| rate (ev/s) | achieved | scored | live HR@{K} | offline incremental | offline "
             f"static | live vs incremental (95% CI) | live NDCG@{K} | incr. NDCG | static NDCG | "
-            "freshness p50 / p99 | /recommend p50 / p99 | errors |")
-    lines = [head, "|" + " --- |" * 13]
+            "freshness p50 / p99 | /recommend p50 / p99 | short history | errors |")
+    lines = [head, "|" + " --- |" * 14]
     for r in result["runs"]:
         ci = r["ci95_live_vs_incremental"]
         ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
@@ -390,7 +406,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r[f'static_hr@{K}']:.4f} | {100 * (r['live_vs_incremental'] or 0):+.1f}%{ci_s} | "
             f"{r[f'live_ndcg@{K}']:.4f} | {r[f'incremental_ndcg@{K}']:.4f} | "
             f"{r[f'static_ndcg@{K}']:.4f} | {_s(f['p50'])} / {_s(f['p99'])} | "
-            f"{lat['p50']:.1f} / {lat['p99']:.1f} ms | {r['errors']} |")
+            f"{lat['p50']:.1f} / {lat['p99']:.1f} ms | {r.get('short_history', '-')} | "
+            f"{r['errors']} |")
     return "\n".join(lines)
 
 
