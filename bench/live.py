@@ -10,7 +10,9 @@ consumer, the trainer and the API, each its own process, started as `freshrec up
    (history from the features store, seen items excluded) and the event's item is scored (HR@10,
    NDCG@10); then the event is sent with `POST /events`. "short history" counts rankings whose
    `history_used` was below the user's events so far (capped at the user tower's 20): the
-   features store had not applied the user's newest event yet. A client on this 2-core machine cannot
+   features store had not applied the user's newest event yet. Each scored event is also ranked
+   by `POST /recommend` with the user's exact history and seen items ("live, exact history"):
+   the served model without the features store's lag. A client on this 2-core machine cannot
    ask for 1,000 rankings a second beside the whole stack, so above `--max-get-rate` only every
    s-th event is scored (s = ceil(rate / max-get-rate)); every event is still sent;
 3. the same events, in the same order, run through the offline benchmark (`bench.quality`) with
@@ -158,10 +160,8 @@ def replay_live(ds: Dataset, events: Sequence[Interaction], n_warm: int, rate: f
             warm_s = time.monotonic() - t0
             time.sleep(2.0)  # the features consumer is milliseconds behind; be generous
             before = _metrics(client)
-            prior: dict[str, int] = {}
-            for e in events[:n_warm]:
-                prior[e.user_id] = prior.get(e.user_id, 0) + 1
-            result = _replay(live.base, events[n_warm:], rate, stride, live.token, prior)
+            result = _replay(live.base, events[:n_warm], events[n_warm:], rate, stride,
+                             live.token)
             time.sleep(1.0)
             after = _metrics(client)
             result.update(
@@ -183,27 +183,32 @@ def _ok(client: httpx.Client, path: str) -> bool:
         return False
 
 
-def _replay(base: str, stream: Sequence[Interaction], rate: float, stride: int,
-            token: str, prior: dict[str, int]) -> dict[str, Any]:
+def _replay(base: str, warm: Sequence[Interaction], stream: Sequence[Interaction], rate: float,
+            stride: int, token: str) -> dict[str, Any]:
     """Paced replay: event i is due at i / rate. A scored event's ranking is asked for when it is
     due, and the event is sent once the answer is in; each user's events are sent in order, and
     what is ready goes out as one `POST /events` every 25 ms (so a slow ranking delays only its
     own user, and the client keeps the pace at 1,000 events/s)."""
-    return asyncio.run(_replay_async(base, stream, rate, stride, token, prior))
+    return asyncio.run(_replay_async(base, warm, stream, rate, stride, token))
 
 
-async def _replay_async(base: str, stream: Sequence[Interaction], rate: float, stride: int,
-                        token: str, prior: dict[str, int]) -> dict[str, Any]:
+async def _replay_async(base: str, warm: Sequence[Interaction], stream: Sequence[Interaction],
+                        rate: float, stride: int, token: str) -> dict[str, Any]:
     hits: dict[int, tuple[float, float]] = {}
+    exact: dict[int, tuple[float, float]] = {}  # the same served model, given the exact history
     versions: set[int] = set()
     latencies: list[float] = []
     errors = [0]
     short_history = [0]
-    seen_before: list[int] = []  # the user's events before event i in the replayed stream
-    count = dict(prior)  # events per user before the replay (the warm-up)
-    for e in stream:
-        seen_before.append(count.get(e.user_id, 0))
-        count[e.user_id] = seen_before[-1] + 1
+    # every user's exact history and seen items before each scored event
+    items: dict[str, list[str]] = {}
+    for e in warm:
+        items.setdefault(e.user_id, []).append(e.item_id)
+    truth: dict[int, list[str]] = {}
+    for i, e in enumerate(stream):
+        if i % stride == 0:
+            truth[i] = list(items.get(e.user_id, ()))
+        items.setdefault(e.user_id, []).append(e.item_id)
     ready: list[tuple[dict[str, Any], asyncio.Future[None]]] = []  # (event, its `sent`)
     # per user, the newest event's (queued, sent) futures: a user's events are queued in order,
     # and a ranking is asked for only once the user's previous event was accepted (202)
@@ -226,12 +231,14 @@ async def _replay_async(base: str, stream: Sequence[Interaction], rate: float, s
                 hits[i] = (0.0, 0.0)
                 return
             body = r.json()
-            ranked = [it["item_id"] for it in body["items"]][:K]
-            rank = ranked.index(e.item_id) if e.item_id in ranked else -1
-            hits[i] = (1.0, 1.0 / math.log2(rank + 2)) if rank >= 0 else (0.0, 0.0)
+            hits[i] = _hit(body, e.item_id)
             versions.add(int(body["model_version"]))
-            if body.get("history_used", 0) < min(HISTORY_LEN, seen_before[i]):
+            past = truth[i]
+            if body.get("history_used", 0) < min(HISTORY_LEN, len(past)):
                 short_history[0] += 1  # the user's newest events were not in the features yet
+            r = await client.post("/recommend", json={
+                "history": past[-50:], "k": K, "exclude": sorted(set(past))[:1000]})
+            exact[i] = _hit(r.json(), e.item_id) if r.status_code == 200 else (0.0, 0.0)
 
         async def handle(i: int, e: Interaction,
                          before: tuple[asyncio.Future[None], asyncio.Future[None]] | None,
@@ -279,14 +286,24 @@ async def _replay_async(base: str, stream: Sequence[Interaction], rate: float, s
         wall = loop.time() - start
     latencies.sort()
     scored = [hits[i] for i in sorted(hits)]
+    with_exact = [exact.get(i, (0.0, 0.0)) for i in sorted(hits)]
     return {
         "hits": [h for h, _ in scored], "ndcgs": [g for _, g in scored], "errors": errors[0],
+        "exact_history_hits": [h for h, _ in with_exact],
         "achieved_rate": len(stream) / wall, "max_lateness_s": late,
         "versions_seen": len(versions),
         "short_history": short_history[0],
         "recommend_ms": {"p50": 1e3 * latencies[len(latencies) // 2],
                          "p99": 1e3 * latencies[int(0.99 * (len(latencies) - 1))]},
     }
+
+
+def _hit(body: dict[str, Any], target: str) -> tuple[float, float]:
+    """(hit, NDCG) of `target` in a /recommend answer."""
+    ranked = [it["item_id"] for it in body["items"]][:K]
+    if target not in ranked:
+        return 0.0, 0.0
+    return 1.0, 1.0 / math.log2(ranked.index(target) + 2)
 
 
 def offline(ds: Dataset, events: Sequence[Interaction], n_warm: int, rate: float,
@@ -333,6 +350,7 @@ def run(rates: Sequence[float], scored: int, max_get_rate: float, seed: int, hom
             "rate": rate, "achieved_rate": live["achieved_rate"], "stride": stride,
             "stream_events": n_stream, "scored": len(live["hits"]),
             f"live_hr@{K}": _mean(live["hits"]), f"live_ndcg@{K}": _mean(live["ndcgs"]),
+            f"live_exact_history_hr@{K}": _mean(live["exact_history_hits"]),
             **{k: live[k] for k in ("errors", "freshness_s", "recommend_ms", "served_versions",
                                     "versions_seen", "warmup_s", "max_lateness_s",
                                     "short_history")},
@@ -387,6 +405,10 @@ def _row_text(row: dict[str, Any]) -> str:
             f"freshness p50/p99 {_s(f['p50'])}/{_s(f['p99'])}  errors {row['errors']}")
 
 
+def _f4(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
 def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}s"
 
@@ -394,8 +416,9 @@ def _s(v: float | None) -> str:
 def format_table(result: dict[str, Any]) -> str:
     head = (f"| rate (ev/s) | achieved | scored | live HR@{K} | offline incremental | offline "
             f"static | live vs incremental (95% CI) | live NDCG@{K} | incr. NDCG | static NDCG | "
-            "freshness p50 / p99 | /recommend p50 / p99 | short history | errors |")
-    lines = [head, "|" + " --- |" * 14]
+            "freshness p50 / p99 | /recommend p50 / p99 | short history | live, exact history HR@"
+            f"{K} | errors |")
+    lines = [head, "|" + " --- |" * 15]
     for r in result["runs"]:
         ci = r["ci95_live_vs_incremental"]
         ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
@@ -407,7 +430,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r[f'live_ndcg@{K}']:.4f} | {r[f'incremental_ndcg@{K}']:.4f} | "
             f"{r[f'static_ndcg@{K}']:.4f} | {_s(f['p50'])} / {_s(f['p99'])} | "
             f"{lat['p50']:.1f} / {lat['p99']:.1f} ms | {r.get('short_history', '-')} | "
-            f"{r['errors']} |")
+            f"{_f4(r.get(f'live_exact_history_hr@{K}'))} | {r['errors']} |")
     return "\n".join(lines)
 
 
