@@ -88,11 +88,28 @@ class Trainer:
                     self.learner.load_tensors(loaded.tensors, loaded.item_ids)
                     self.learner.mark_published()
                     self.parent = (loaded.manifest, loaded.tensors, loaded.item_ids)
-                    log.info("resumed from version %s", latest)
+                    # where it resumes: the next manifest still covers partitions not seen since
+                    self.through = {str(k): int(v) for k, v in
+                                    loaded.manifest.trained_through.get("offsets", {}).items()}
+                    log.info("resumed from version %s, trained through %s", latest, self.through)
                 else:
                     log.warning("version %s was trained with another architecture; fresh start",
                                 latest)
         self.add_items(items, progress=True)
+
+    def resume_offsets(self, topic: str) -> dict[TopicPartition, int]:
+        """Where each partition of `topic` starts when assigned: the offsets the published
+        weights were trained through. The group's committed offsets only follow them (a commit
+        can run ahead of the weights: Redis lost its newest writes, an operator rolled back)."""
+        return {tp: off for tp, off in self._through_partitions().items() if tp.topic == topic}
+
+    def _through_partitions(self) -> dict[TopicPartition, int]:
+        """`through` ("topic:partition" -> offset) keyed by partition."""
+        out = {}
+        for key, offset in self.through.items():
+            topic, _, partition = key.rpartition(":")
+            out[TopicPartition(topic, int(partition))] = offset
+        return out
 
     def add_items(self, items: list[Item], progress: bool = False) -> None:
         if not items:
@@ -209,8 +226,10 @@ class Trainer:
         if self.s.crash_after_publish and self.published >= self.s.crash_after_publish:
             log.error("fault injection: exiting after publish %s, before commit", manifest.version)
             os._exit(3)
-        done, self.trained = self.trained, {}
-        return done
+        self.trained = {}
+        # The group's commits follow the weights on every partition they cover, also those
+        # that brought nothing new since a restart (resumed past a commit lost in a crash).
+        return self._through_partitions()
 
     def _live_numbers(self, now: float) -> dict[str, float | None]:
         """What the API's status page shows of the trainer (it cannot scrape this process):
@@ -260,7 +279,8 @@ def run(settings: TrainerSettings) -> None:
                       FeatureStore(client, settings.namespace))
     trainer.bootstrap()
     transport = Transport(settings, settings.trainer_group, "trainer", dlq=False,
-                          max_records=settings.batch_max_events)
+                          max_records=settings.batch_max_events,
+                          positions=lambda: trainer.resume_offsets(settings.topic_interactions))
     transport.install_signal_handlers()
     log.info("trainer up (group %s, device %s)", settings.trainer_group, trainer.learner.device)
     try:

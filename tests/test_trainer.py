@@ -37,12 +37,13 @@ def make_trainer(redis_url: str, namespace: str, tiny_encoder, **settings) -> Tr
                    FeatureStore(client, namespace))
 
 
-def poll(events: list[Interaction], first_offset: int, items: list[Item] = ()) -> Polled:  # type: ignore[assignment]
-    """One poll of partition 0: `events` at consecutive offsets from `first_offset`."""
-    src = [Source(TOPIC, 0, first_offset + k, 0) for k in range(len(events))]
+def poll(events: list[Interaction], first_offset: int, items: list[Item] = (),  # type: ignore[assignment]
+         partition: int = 0) -> Polled:
+    """One poll of one partition: `events` at consecutive offsets from `first_offset`."""
+    src = [Source(TOPIC, partition, first_offset + k, 0) for k in range(len(events))]
     return Polled(interactions=list(zip(src, events, strict=True)),
                   items=[(Source("items", 0, k, 0), it) for k, it in enumerate(items)],
-                  offsets={TopicPartition(TOPIC, 0): first_offset + len(events)})
+                  offsets={TopicPartition(TOPIC, partition): first_offset + len(events)})
 
 
 def events(n: int, offset: int = 0) -> list[Interaction]:
@@ -79,3 +80,28 @@ def test_offsets_wait_for_the_version_that_includes_them(redis_url, namespace,
     assert done == {TopicPartition(TOPIC, 0): 70}
     manifest = trainer.weights.manifest(trainer.weights.current())
     assert manifest.trained_through["offsets"] == {f"{TOPIC}:0": 70}
+
+
+def test_a_resumed_trainer_keeps_the_offsets_of_partitions_it_has_not_seen_since(
+        redis_url, namespace, tiny_encoder) -> None:
+    """The version a trainer resumes from says how far every partition was trained; the next
+    version must still say so for partitions that brought nothing new (issue 9 #3)."""
+    first = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                         publish_interval_ms=0)
+    first.add_items(ITEMS)
+    first.on_poll(poll(events(40), 0, partition=0), now=1.0)
+    first.on_poll(poll(events(40, 40), 0, partition=1), now=2.0)
+    store = first.weights
+    assert store.manifest(store.current()).trained_through["offsets"] == \
+        {f"{TOPIC}:0": 40, f"{TOPIC}:1": 40}
+
+    first.features.upsert_items(ITEMS)  # the catalog the features consumer would have stored
+    second = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                          publish_interval_ms=0)
+    second.bootstrap()
+    second.on_poll(poll(events(40, 80), 40, partition=0), now=1.0)
+    assert store.manifest(store.current()).trained_through["offsets"] == \
+        {f"{TOPIC}:0": 80, f"{TOPIC}:1": 40}
+    # where a consumer resumes (the transport seeks there on assignment)
+    assert second.resume_offsets(TOPIC) == {TopicPartition(TOPIC, 0): 80,
+                                            TopicPartition(TOPIC, 1): 40}
