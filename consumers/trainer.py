@@ -52,6 +52,13 @@ class Trainer:
         self.pending_items: list[Item] = []  # polled items not in the learner yet
         self.trained: dict[TopicPartition, int] = {}  # offsets trained but not yet published
         self.through: dict[str, int] = {}  # every partition's offset covered by published weights
+        # offsets of the events learned since the last publish or refusal: "topic:p" -> [first, end)
+        self.learned_span: dict[str, list[int]] = {}
+        # events the gate refused since the last publish; held uncommitted until a published
+        # version records them ("topic:p" -> [first, end))
+        self.refused: dict[str, list[int]] = {}
+        self.refused_events = 0
+        self.refused_reason = ""
         self.unpublished_events = 0
         self.produce_ts: list[float] = []  # produce times of the unpublished events
         self.newest_event_ts = 0.0
@@ -137,7 +144,8 @@ class Trainer:
             self.train(self.batcher.take())
             self.trained.update(self.pending_offsets)
             self.pending_offsets = {}
-        elif not len(self.batcher) and self.pending_offsets and not self.unpublished_events:
+        elif not len(self.batcher) and self.pending_offsets and not self.unpublished_events \
+                and not self.refused:
             # only items or invalid records since the last publish: nothing to wait for
             self.trained.update(self.pending_offsets)
             self.pending_offsets = {}
@@ -172,6 +180,10 @@ class Trainer:
         self.events_total += len(events)
         self.newest_event_ts = max(self.newest_event_ts, max(e.ts for e in events))
         self.produce_ts.extend(src.timestamp_ms / 1000.0 for src, _ in batch)
+        for src, _ in batch:
+            span = self.learned_span.setdefault(f"{src.topic}:{src.partition}",
+                                                [src.offset, src.offset + 1])
+            span[1] = max(span[1], src.offset + 1)
 
     def publish(self, now: float) -> dict[TopicPartition, int]:
         """Gate, publish, and hand back the offsets the new version covers."""
@@ -182,9 +194,15 @@ class Trainer:
             log.warning("gate refused: holdout HR@10 %.3f vs published %.3f; rolled back",
                         decision.hr, decision.reference)
             self.learner.rollback()
+            # The refused events are in no weights: commit them only with the next published
+            # version, which records them (a crash before it replays and retrains them).
+            for key, (first, end) in self.learned_span.items():
+                self.refused[key] = [self.refused.get(key, [first])[0], end]
+            self.refused_events += self.unpublished_events
+            self.refused_reason = (f"gate_refused: holdout HR@10 {decision.hr:.3f} vs published "
+                                   f"{decision.reference:.3f} on {decision.events} events")
             self._reset_unpublished(now)
-            done, self.trained = self.trained, {}
-            return done  # the refused events are not in the weights; they stay in replay
+            return {}
         t0 = time.perf_counter()
         tensors = {k: v.detach().to("cpu", torch.float32).clone()
                    for k, v in self.learner.state_tensors().items()}
@@ -211,6 +229,10 @@ class Trainer:
             "holdout_hr@10": decision.hr,
             **self._live_numbers(now),
         }
+        if self.refused:  # offsets covered, events not learned: the gate refused them
+            through["refused"] = dict(self.refused)
+            through["refused_events"] = self.refused_events
+            through["refused_reason"] = self.refused_reason
         manifest = self.weights.publish(
             blob, parent=self.parent[0] if self.parent else None, kind=kind,
             config=asdict(self.learner.cfg), encoder=self.learner.encoder.identity,
@@ -223,6 +245,7 @@ class Trainer:
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - t0)
         metrics.PUBLISH_BYTES.observe(len(blob))
         self._reset_unpublished(now)
+        self.refused, self.refused_events = {}, 0
         if self.s.crash_after_publish and self.published >= self.s.crash_after_publish:
             log.error("fault injection: exiting after publish %s, before commit", manifest.version)
             os._exit(3)
@@ -250,6 +273,7 @@ class Trainer:
 
     def _reset_unpublished(self, now: float) -> None:
         self.unpublished_events = 0
+        self.learned_span = {}
         self.produce_ts = []
         self.last_publish = now
 

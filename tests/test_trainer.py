@@ -7,6 +7,8 @@ version is published and which offsets may be committed, with an exact clock.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import random
 
 import pytest
 import redis
@@ -105,3 +107,40 @@ def test_a_resumed_trainer_keeps_the_offsets_of_partitions_it_has_not_seen_since
     # where a consumer resumes (the transport seeks there on assignment)
     assert second.resume_offsets(TOPIC) == {TopicPartition(TOPIC, 0): 80,
                                             TopicPartition(TOPIC, 1): 40}
+
+
+def mixed_events(n: int, offset: int = 0, seed: int = 0) -> list[Interaction]:
+    """Many users, each seeing few items: the published weights hit some of them in the top 10."""
+    rnd = random.Random(seed + offset)
+    return [Interaction(f"m{rnd.randrange(60)}", str(rnd.randrange(30)), float(k))
+            for k in range(offset, offset + n)]
+
+
+def test_a_refused_interval_is_committed_only_with_a_version_that_records_it(
+        redis_url, namespace, tiny_encoder) -> None:
+    """Events the gate refused are in no weights: their offsets are held back until a published
+    version records them as refused, so a crash in between trains them again (issue 9 #4)."""
+    trainer = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=50,
+                           publish_interval_ms=0)
+    # A gate that must refuse: the candidate would need 101x the published weights' HR@10.
+    trainer.learner.cfg = dataclasses.replace(trainer.learner.cfg, gate_tolerance=-100.0,
+                                              gate_min_events=1)
+    trainer.add_items(ITEMS)
+    tp = TopicPartition(TOPIC, 0)
+    assert trainer.on_poll(poll(mixed_events(50), 0), now=1.0) == {tp: 50}  # nothing to gate yet
+    first = trainer.weights.current()
+
+    trainer._last_eval = 0.0  # score this batch (the trainer samples evaluation by cost)
+    assert trainer.on_poll(poll(mixed_events(50, 50), 50), now=2.0) == {}, \
+        "refused events were committed without being in any weights"
+    assert trainer.weights.current() == first
+    assert trainer.on_poll(poll([], 0, items=[ITEMS[0]]), now=2.5) == {}, \
+        "an items-only poll committed past the refused events"
+
+    trainer.learner.cfg = dataclasses.replace(trainer.learner.cfg, gate=False)  # next one passes
+    assert trainer.on_poll(poll(mixed_events(50, 100), 100), now=3.0) == {tp: 150}
+    through = trainer.weights.manifest(trainer.weights.current()).trained_through
+    assert through["offsets"] == {f"{TOPIC}:0": 150}
+    assert through["refused"] == {f"{TOPIC}:0": [50, 100]}
+    assert through["refused_events"] == 50
+    assert through["refused_reason"].startswith("gate_refused: holdout HR@10")
