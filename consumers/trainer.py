@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import socket
 import time
 from collections import deque
 from dataclasses import asdict
@@ -25,10 +27,10 @@ from model.encoder import TextEncoder
 from model.events import Interaction, Item
 from model.learner import OnlineLearner
 from model.serialization import make_delta, to_bytes
-from protocol.errors import VerificationError
+from protocol.errors import LeaseLost, VerificationError
 from protocol.features import FeatureStore, resolve_text_features
 from protocol.topics import Source
-from protocol.weights import Manifest, WeightStore
+from protocol.weights import Lease, Manifest, WeightStore
 
 log = logging.getLogger("freshrec.trainer")
 PRODUCE_SAMPLE = 32  # produce timestamps per version kept for the freshness histogram
@@ -72,6 +74,37 @@ class Trainer:
         self.window_ndcg: deque[float] = deque(maxlen=settings.quality_window)
         self.events_total = 0
         self.rate_marks: deque[tuple[float, int]] = deque()  # (publish time, events_total)
+        # the publisher lease: only its holder publishes (one trainer at a time)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.lease: Lease | None = None
+        self._lease_renewed = 0.0
+        self._waiting_logged = False
+
+    # ------------------------------------------------------------------ the publisher lease
+    def hold_lease(self, now: float) -> bool:
+        """Take the publisher lease, or renew it. False while another trainer holds it (then
+        do not publish). Raises `LeaseLost` when this trainer held it and it passed on: its
+        weights and offsets are stale, it must stop."""
+        if self.lease is None:
+            self.lease = self.weights.acquire_lease(self.owner, self.s.lease_ttl_ms)
+            if self.lease is None:
+                if not self._waiting_logged:
+                    log.warning("another trainer holds the publisher lease (%s); not publishing",
+                                self.weights.lease_holder())
+                    self._waiting_logged = True
+                return False
+            log.info("publisher lease taken: token %s", self.lease.token)
+            self._waiting_logged = False
+        elif not self.weights.renew_lease(self.lease):
+            raise LeaseLost(f"the publisher lease (token {self.lease.token}) passed on to "
+                            f"{self.weights.lease_holder()}")
+        self._lease_renewed = now
+        return True
+
+    def wait_for_lease(self, pause_s: float = 1.0) -> None:
+        """Block until this trainer holds the publisher lease (a second trainer waits here)."""
+        while not self.hold_lease(time.monotonic()):
+            time.sleep(pause_s)
 
     # ------------------------------------------------------------------ startup
     def bootstrap(self) -> None:
@@ -135,6 +168,8 @@ class Trainer:
         self.batcher.add(polled.interactions, now)
         self.pending_offsets.update(polled.offsets)
         self.pending_items.extend(item for _, item in polled.items)
+        if self.lease is not None and (now - self._lease_renewed) * 3000 >= self.s.lease_ttl_ms:
+            self.hold_lease(now)  # also while idle: a lease that lapses passes on
         if self.pending_items:
             self.add_items(self.pending_items)
             self.pending_items = []
@@ -187,6 +222,8 @@ class Trainer:
 
     def publish(self, now: float) -> dict[TopicPartition, int]:
         """Gate, publish, and hand back the offsets the new version covers."""
+        if not self.hold_lease(now):
+            return {}  # another trainer publishes; ours stay unpublished and uncommitted
         decision = self.learner.gate()
         if not decision.publish:
             metrics.GATE_REFUSALS.inc()
@@ -227,6 +264,7 @@ class Trainer:
             "produced_ts": sorted(self.produce_ts)[::step][:PRODUCE_SAMPLE],
             "events": self.unpublished_events,
             "holdout_hr@10": decision.hr,
+            "lease_token": self.lease.token if self.lease else None,
             **self._live_numbers(now),
         }
         if self.refused:  # offsets covered, events not learned: the gate refused them
@@ -236,7 +274,7 @@ class Trainer:
         manifest = self.weights.publish(
             blob, parent=self.parent[0] if self.parent else None, kind=kind,
             config=asdict(self.learner.cfg), encoder=self.learner.encoder.identity,
-            trained_through=through)
+            trained_through=through, lease=self.lease)
         self.learner.mark_published()
         self.parent = (manifest, tensors, ids)
         self.since_full = 0 if kind == "full" else self.since_full + 1
@@ -301,6 +339,7 @@ def run(settings: TrainerSettings) -> None:
     trainer = Trainer(settings, build_learner(settings),
                       WeightStore(client, key, settings.namespace, settings.keep_versions),
                       FeatureStore(client, settings.namespace))
+    trainer.wait_for_lease()  # before resuming: the version to resume from is then final
     trainer.bootstrap()
     transport = Transport(settings, settings.trainer_group, "trainer", dlq=False,
                           max_records=settings.batch_max_events,
@@ -320,8 +359,15 @@ def run(settings: TrainerSettings) -> None:
                         return
                     time.sleep(0.5)
             transport.commit(done)
+    except LeaseLost as exc:
+        raise SystemExit(f"trainer: {exc}; stopping (nothing unpublished was committed)") from None
     finally:
         transport.close()
+        if trainer.lease is not None:
+            try:
+                trainer.weights.release_lease(trainer.lease)
+            except redis.exceptions.RedisError:
+                pass  # it lapses by itself
 
 
 def main() -> None:

@@ -473,9 +473,12 @@ def test_redis_acl_allows_each_role_its_job_and_nothing_more(acl_redis: int) -> 
     sub = api.pubsub()
     sub.subscribe("freshrec:w:published")
     store = weights.WeightStore(trainer, key, keep=2)
+    lease = store.acquire_lease("trainer", ttl_ms=10_000)  # the publisher lease (WATCH/MULTI)
+    assert lease is not None and store.renew_lease(lease)
     for _ in range(3):  # the third publish prunes (DEL, ZREM)
         manifest = store.publish(b"x" * 100, parent=None, kind="full", config={}, encoder="e",
-                                 trained_through={})
+                                 trained_through={}, lease=lease)
+    store.release_lease(lease)
     assert features.FeatureStore(trainer).user_state("u1") == (["i1"], {"i1"})
     reader = weights.WeightStore(api, key)
     assert reader.current() == manifest.version

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import time
 
 import pytest
 import redis
@@ -98,6 +99,7 @@ def test_a_resumed_trainer_keeps_the_offsets_of_partitions_it_has_not_seen_since
         {f"{TOPIC}:0": 40, f"{TOPIC}:1": 40}
 
     first.features.upsert_items(ITEMS)  # the catalog the features consumer would have stored
+    first.weights.release_lease(first.lease)  # it stops, as `run` does
     second = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
                           publish_interval_ms=0)
     second.bootstrap()
@@ -144,3 +146,29 @@ def test_a_refused_interval_is_committed_only_with_a_version_that_records_it(
     assert through["refused"] == {f"{TOPIC}:0": [50, 100]}
     assert through["refused_events"] == 50
     assert through["refused_reason"].startswith("gate_refused: holdout HR@10")
+
+
+def test_only_the_lease_holder_publishes_and_a_zombie_cannot(redis_url, namespace,
+                                                             tiny_encoder) -> None:
+    """Two trainers on one store: the one holding the publisher lease publishes, the other
+    does not; once the lease expired and passed on, the old holder cannot publish (issue 9 #7)."""
+    a = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                     publish_interval_ms=0, lease_ttl_ms=1000)
+    b = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                     publish_interval_ms=0, lease_ttl_ms=1000)
+    a.add_items(ITEMS)
+    b.add_items(ITEMS)
+    tp = TopicPartition(TOPIC, 0)
+    assert a.on_poll(poll(events(40), 0), now=1.0) == {tp: 40}
+    assert b.on_poll(poll(events(40), 0), now=1.0) == {}, "a second trainer published"
+    store = a.weights
+    assert len(store.versions()) == 1
+
+    time.sleep(1.2)  # a stalls past its lease; b takes over
+    assert b.on_poll(poll(events(40, 40), 40), now=3.0) == {tp: 80}
+    taken = store.current()
+    from protocol.errors import LeaseLost
+
+    with pytest.raises(LeaseLost):
+        a.on_poll(poll(events(40, 40), 40), now=3.0)
+    assert store.current() == taken and len(store.versions()) == 2
