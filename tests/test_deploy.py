@@ -468,7 +468,10 @@ def test_redis_acl_allows_each_role_its_job_and_nothing_more(acl_redis: int) -> 
     key = b"k" * 32
 
     # Each role does what the real store code does.
+    topics = pytest.importorskip("protocol.topics")
     features.FeatureStore(feats).apply([events.Interaction("u1", "i1", 1.0)])
+    features.FeatureStore(feats).apply_records(  # what the consumer does: WATCH + MULTI/EXEC
+        [(topics.Source("t", 0, 0, 0), events.Interaction("u2", "i1", 1.0))])
     features.FeatureStore(feats).upsert_items([events.Item("i1", "Toy Story (1995)")])
     sub = api.pubsub()
     sub.subscribe("freshrec:w:published")
