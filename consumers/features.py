@@ -18,12 +18,10 @@ log = logging.getLogger("freshrec.features")
 
 
 def apply(store: FeatureStore, polled: Polled) -> None:
-    """The whole logic: items to the catalog, interactions to histories (in record order)."""
-    store.upsert_items([item for _, item in polled.items])
-    events = [e for _, e in polled.interactions]
-    if events:
-        store.apply(events)
-        metrics.FEATURES_APPLIED.inc(len(events))
+    """The whole logic: items to the catalog, interactions to histories (in record order),
+    each record once: a poll delivered again after a crash before its commit changes nothing."""
+    applied = store.apply_records(polled.interactions, polled.items)
+    metrics.FEATURES_APPLIED.inc(applied)
 
 
 def run(settings: FeaturesSettings) -> None:

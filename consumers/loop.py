@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -41,11 +41,37 @@ class Polled:
         return bool(self.offsets)
 
 
+Positions = Callable[[], Mapping[TopicPartition, int]]
+
+
+class _SeekOnAssignment(ConsumerRebalanceListener):
+    """Starts each newly assigned partition at the offset `positions` names for it, if any;
+    the others start at the group's committed offset (or the earliest one)."""
+
+    def __init__(self, consumer: KafkaConsumer, positions: Positions) -> None:
+        self.consumer = consumer
+        self.positions = positions
+
+    def on_partitions_revoked(self, revoked: object) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        wanted = self.positions()
+        for tp in assigned:
+            if tp in wanted:
+                log.info("%s:%s starts at offset %s", tp.topic, tp.partition, wanted[tp])
+                self.consumer.seek(tp, wanted[tp])
+
+
 class Transport:
-    """A Kafka consumer (manual commits) plus an optional DLQ producer."""
+    """A Kafka consumer (manual commits) plus an optional DLQ producer.
+
+    `positions`, when given, is asked at every partition assignment where each partition
+    starts; it overrides the group's committed offsets (the trainer resumes from the offsets
+    its weights were trained through, which the committed ones only follow)."""
 
     def __init__(self, settings: CommonSettings, group: str, name: str, dlq: bool,
-                 max_records: int = 2048) -> None:
+                 max_records: int = 2048, positions: Positions | None = None) -> None:
         self.s = settings
         self.name = name
         self.max_records = max_records
@@ -53,12 +79,16 @@ class Transport:
                                                  settings.topic_dlq], settings.partitions)
         # Short group timeouts: a consumer group's first join otherwise waits ~20 s on Tansu.
         self.consumer = KafkaConsumer(
-            settings.topic_interactions, settings.topic_items,
             bootstrap_servers=settings.kafka_bootstrap, group_id=group, client_id=name,
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=1_500,
             fetch_max_wait_ms=50,
         )
+        topics = [settings.topic_interactions, settings.topic_items]
+        if positions is None:
+            self.consumer.subscribe(topics)
+        else:
+            self.consumer.subscribe(topics, listener=_SeekOnAssignment(self.consumer, positions))
         self.dlq = dlq
         self.producer: KafkaProducer | None = self._dlq_producer() if dlq else None
         self.running = True

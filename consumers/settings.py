@@ -34,4 +34,6 @@ class TrainerSettings(CommonSettings):
     full_every: int = 10  # a full snapshot every N versions; deltas in between
     keep_versions: int = 20  # versions kept in Redis for rollback
     quality_window: int = 2000  # events in the sliding online HR@10 / NDCG@10 window
+    lease_ttl_ms: int = 10_000  # the publisher lease lapses this long after its last renewal
+    # (renewed at every publish and every third of it); a second trainer waits for it
     crash_after_publish: int = 0  # fault injection for tests: exit after the Nth publish, uncommitted

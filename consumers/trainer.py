@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import socket
 import time
 from collections import deque
 from dataclasses import asdict
@@ -25,10 +27,10 @@ from model.encoder import TextEncoder
 from model.events import Interaction, Item
 from model.learner import OnlineLearner
 from model.serialization import make_delta, to_bytes
-from protocol.errors import VerificationError
+from protocol.errors import LeaseLost, VerificationError
 from protocol.features import FeatureStore, resolve_text_features
 from protocol.topics import Source
-from protocol.weights import Manifest, WeightStore
+from protocol.weights import Lease, Manifest, WeightStore
 
 log = logging.getLogger("freshrec.trainer")
 PRODUCE_SAMPLE = 32  # produce timestamps per version kept for the freshness histogram
@@ -52,6 +54,13 @@ class Trainer:
         self.pending_items: list[Item] = []  # polled items not in the learner yet
         self.trained: dict[TopicPartition, int] = {}  # offsets trained but not yet published
         self.through: dict[str, int] = {}  # every partition's offset covered by published weights
+        # offsets of the events learned since the last publish or refusal: "topic:p" -> [first, end)
+        self.learned_span: dict[str, list[int]] = {}
+        # events the gate refused since the last publish; held uncommitted until a published
+        # version records them ("topic:p" -> [first, end))
+        self.refused: dict[str, list[int]] = {}
+        self.refused_events = 0
+        self.refused_reason = ""
         self.unpublished_events = 0
         self.produce_ts: list[float] = []  # produce times of the unpublished events
         self.newest_event_ts = 0.0
@@ -65,6 +74,37 @@ class Trainer:
         self.window_ndcg: deque[float] = deque(maxlen=settings.quality_window)
         self.events_total = 0
         self.rate_marks: deque[tuple[float, int]] = deque()  # (publish time, events_total)
+        # the publisher lease: only its holder publishes (one trainer at a time)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.lease: Lease | None = None
+        self._lease_renewed = 0.0
+        self._waiting_logged = False
+
+    # ------------------------------------------------------------------ the publisher lease
+    def hold_lease(self, now: float) -> bool:
+        """Take the publisher lease, or renew it. False while another trainer holds it (then
+        do not publish). Raises `LeaseLost` when this trainer held it and it passed on: its
+        weights and offsets are stale, it must stop."""
+        if self.lease is None:
+            self.lease = self.weights.acquire_lease(self.owner, self.s.lease_ttl_ms)
+            if self.lease is None:
+                if not self._waiting_logged:
+                    log.warning("another trainer holds the publisher lease (%s); not publishing",
+                                self.weights.lease_holder())
+                    self._waiting_logged = True
+                return False
+            log.info("publisher lease taken: token %s", self.lease.token)
+            self._waiting_logged = False
+        elif not self.weights.renew_lease(self.lease):
+            raise LeaseLost(f"the publisher lease (token {self.lease.token}) passed on to "
+                            f"{self.weights.lease_holder()}")
+        self._lease_renewed = now
+        return True
+
+    def wait_for_lease(self, pause_s: float = 1.0) -> None:
+        """Block until this trainer holds the publisher lease (a second trainer waits here)."""
+        while not self.hold_lease(time.monotonic()):
+            time.sleep(pause_s)
 
     # ------------------------------------------------------------------ startup
     def bootstrap(self) -> None:
@@ -88,11 +128,28 @@ class Trainer:
                     self.learner.load_tensors(loaded.tensors, loaded.item_ids)
                     self.learner.mark_published()
                     self.parent = (loaded.manifest, loaded.tensors, loaded.item_ids)
-                    log.info("resumed from version %s", latest)
+                    # where it resumes: the next manifest still covers partitions not seen since
+                    self.through = {str(k): int(v) for k, v in
+                                    loaded.manifest.trained_through.get("offsets", {}).items()}
+                    log.info("resumed from version %s, trained through %s", latest, self.through)
                 else:
                     log.warning("version %s was trained with another architecture; fresh start",
                                 latest)
         self.add_items(items, progress=True)
+
+    def resume_offsets(self, topic: str) -> dict[TopicPartition, int]:
+        """Where each partition of `topic` starts when assigned: the offsets the published
+        weights were trained through. The group's committed offsets only follow them (a commit
+        can run ahead of the weights: Redis lost its newest writes, an operator rolled back)."""
+        return {tp: off for tp, off in self._through_partitions().items() if tp.topic == topic}
+
+    def _through_partitions(self) -> dict[TopicPartition, int]:
+        """`through` ("topic:partition" -> offset) keyed by partition."""
+        out = {}
+        for key, offset in self.through.items():
+            topic, _, partition = key.rpartition(":")
+            out[TopicPartition(topic, int(partition))] = offset
+        return out
 
     def add_items(self, items: list[Item], progress: bool = False) -> None:
         if not items:
@@ -111,6 +168,8 @@ class Trainer:
         self.batcher.add(polled.interactions, now)
         self.pending_offsets.update(polled.offsets)
         self.pending_items.extend(item for _, item in polled.items)
+        if self.lease is not None and (now - self._lease_renewed) * 3000 >= self.s.lease_ttl_ms:
+            self.hold_lease(now)  # also while idle: a lease that lapses passes on
         if self.pending_items:
             self.add_items(self.pending_items)
             self.pending_items = []
@@ -120,7 +179,8 @@ class Trainer:
             self.train(self.batcher.take())
             self.trained.update(self.pending_offsets)
             self.pending_offsets = {}
-        elif not len(self.batcher) and self.pending_offsets and not self.unpublished_events:
+        elif not len(self.batcher) and self.pending_offsets and not self.unpublished_events \
+                and not self.refused:
             # only items or invalid records since the last publish: nothing to wait for
             self.trained.update(self.pending_offsets)
             self.pending_offsets = {}
@@ -155,9 +215,15 @@ class Trainer:
         self.events_total += len(events)
         self.newest_event_ts = max(self.newest_event_ts, max(e.ts for e in events))
         self.produce_ts.extend(src.timestamp_ms / 1000.0 for src, _ in batch)
+        for src, _ in batch:
+            span = self.learned_span.setdefault(f"{src.topic}:{src.partition}",
+                                                [src.offset, src.offset + 1])
+            span[1] = max(span[1], src.offset + 1)
 
     def publish(self, now: float) -> dict[TopicPartition, int]:
         """Gate, publish, and hand back the offsets the new version covers."""
+        if not self.hold_lease(now):
+            return {}  # another trainer publishes; ours stay unpublished and uncommitted
         decision = self.learner.gate()
         if not decision.publish:
             metrics.GATE_REFUSALS.inc()
@@ -165,9 +231,15 @@ class Trainer:
             log.warning("gate refused: holdout HR@10 %.3f vs published %.3f; rolled back",
                         decision.hr, decision.reference)
             self.learner.rollback()
+            # The refused events are in no weights: commit them only with the next published
+            # version, which records them (a crash before it replays and retrains them).
+            for key, (first, end) in self.learned_span.items():
+                self.refused[key] = [self.refused.get(key, [first])[0], end]
+            self.refused_events += self.unpublished_events
+            self.refused_reason = (f"gate_refused: holdout HR@10 {decision.hr:.3f} vs published "
+                                   f"{decision.reference:.3f} on {decision.events} events")
             self._reset_unpublished(now)
-            done, self.trained = self.trained, {}
-            return done  # the refused events are not in the weights; they stay in replay
+            return {}
         t0 = time.perf_counter()
         tensors = {k: v.detach().to("cpu", torch.float32).clone()
                    for k, v in self.learner.state_tensors().items()}
@@ -192,12 +264,17 @@ class Trainer:
             "produced_ts": sorted(self.produce_ts)[::step][:PRODUCE_SAMPLE],
             "events": self.unpublished_events,
             "holdout_hr@10": decision.hr,
+            "lease_token": self.lease.token if self.lease else None,
             **self._live_numbers(now),
         }
+        if self.refused:  # offsets covered, events not learned: the gate refused them
+            through["refused"] = dict(self.refused)
+            through["refused_events"] = self.refused_events
+            through["refused_reason"] = self.refused_reason
         manifest = self.weights.publish(
             blob, parent=self.parent[0] if self.parent else None, kind=kind,
             config=asdict(self.learner.cfg), encoder=self.learner.encoder.identity,
-            trained_through=through)
+            trained_through=through, lease=self.lease)
         self.learner.mark_published()
         self.parent = (manifest, tensors, ids)
         self.since_full = 0 if kind == "full" else self.since_full + 1
@@ -206,11 +283,14 @@ class Trainer:
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - t0)
         metrics.PUBLISH_BYTES.observe(len(blob))
         self._reset_unpublished(now)
+        self.refused, self.refused_events = {}, 0
         if self.s.crash_after_publish and self.published >= self.s.crash_after_publish:
             log.error("fault injection: exiting after publish %s, before commit", manifest.version)
             os._exit(3)
-        done, self.trained = self.trained, {}
-        return done
+        self.trained = {}
+        # The group's commits follow the weights on every partition they cover, also those
+        # that brought nothing new since a restart (resumed past a commit lost in a crash).
+        return self._through_partitions()
 
     def _live_numbers(self, now: float) -> dict[str, float | None]:
         """What the API's status page shows of the trainer (it cannot scrape this process):
@@ -231,6 +311,7 @@ class Trainer:
 
     def _reset_unpublished(self, now: float) -> None:
         self.unpublished_events = 0
+        self.learned_span = {}
         self.produce_ts = []
         self.last_publish = now
 
@@ -258,9 +339,11 @@ def run(settings: TrainerSettings) -> None:
     trainer = Trainer(settings, build_learner(settings),
                       WeightStore(client, key, settings.namespace, settings.keep_versions),
                       FeatureStore(client, settings.namespace))
+    trainer.wait_for_lease()  # before resuming: the version to resume from is then final
     trainer.bootstrap()
     transport = Transport(settings, settings.trainer_group, "trainer", dlq=False,
-                          max_records=settings.batch_max_events)
+                          max_records=settings.batch_max_events,
+                          positions=lambda: trainer.resume_offsets(settings.topic_interactions))
     transport.install_signal_handlers()
     log.info("trainer up (group %s, device %s)", settings.trainer_group, trainer.learner.device)
     try:
@@ -276,8 +359,15 @@ def run(settings: TrainerSettings) -> None:
                         return
                     time.sleep(0.5)
             transport.commit(done)
+    except LeaseLost as exc:
+        raise SystemExit(f"trainer: {exc}; stopping (nothing unpublished was committed)") from None
     finally:
         transport.close()
+        if trainer.lease is not None:
+            try:
+                trainer.weights.release_lease(trainer.lease)
+            except redis.exceptions.RedisError:
+                pass  # it lapses by itself
 
 
 def main() -> None:

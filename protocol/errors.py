@@ -30,3 +30,8 @@ class Unavailable(FreshrecError):
         super().__init__(detail)
         self.detail = detail
         self.retry_after = retry_after
+
+
+class LeaseLost(FreshrecError):
+    """This publisher does not hold the weight store's publisher lease (it expired and another
+    publisher took it, or another publisher holds it): it must not publish."""

@@ -8,6 +8,9 @@ Keys under `{ns}:f:` —
   items              hash item_id -> item JSON ({"item_id", "text", ...})
   items:log          list of item ids in order of (re)definition; readers keep a cursor
   text:{encoder}     hash item_id -> float32 text features (a shared memo of the encoder)
+  applied            hash "topic:partition" -> next offset the features consumer has applied:
+                     it moves in the same MULTI/EXEC as the writes, so a replayed record is
+                     recognised and skipped (Kafka delivers at least once)
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import redis
 
 from model.events import Interaction, Item
+from protocol.topics import Source
 
 SEEN_READ_MAX = 1_000  # seen ids read per request; beyond that, candidates are checked one by one
 
@@ -47,8 +51,44 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ writes (features consumer)
     def apply(self, events: Sequence[Interaction]) -> None:
-        """Append events to histories, seen-sets and popularity, in one round trip."""
+        """Append events to histories, seen-sets and popularity, in one round trip (each call
+        counts: for records from Kafka, use `apply_records`, which applies each once)."""
         pipe = self.r.pipeline(transaction=False)
+        self._queue_events(pipe, events)
+        pipe.execute()
+
+    def apply_records(self, interactions: Sequence[tuple[Source, Interaction]],
+                      items: Sequence[tuple[Source, Item]] = ()) -> int:
+        """Apply a poll's records once each: records below their partition's applied offset
+        are replays (a crash between apply and commit) and are skipped. The writes and the new
+        applied offsets go in one MULTI/EXEC, so a record is applied wholly or not at all.
+        Returns how many interactions were applied."""
+        sources = [src for src, _ in interactions] + [src for src, _ in items]
+        if not sources:
+            return 0
+        key = f"{self.ns}:applied"
+        parts = sorted({_partition(src) for src in sources})
+        with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)  # another consumer applying the same partition: retry
+                    applied = {p: int(v or 0) for p, v in zip(parts, pipe.hmget(key, parts),
+                                                              strict=True)}
+                    events = [e for src, e in interactions
+                              if src.offset >= applied[_partition(src)]]
+                    fresh_items = [i for src, i in items if src.offset >= applied[_partition(src)]]
+                    for src in sources:
+                        applied[_partition(src)] = max(applied[_partition(src)], src.offset + 1)
+                    pipe.multi()
+                    self._queue_items(pipe, fresh_items)
+                    self._queue_events(pipe, events)
+                    pipe.hset(key, mapping=applied)
+                    pipe.execute()
+                    return len(events)
+                except redis.WatchError:
+                    continue
+
+    def _queue_events(self, pipe: redis.client.Pipeline, events: Sequence[Interaction]) -> None:
         for e in events:
             pipe.rpush(f"{self.ns}:hist:{e.user_id}", e.item_id)
             pipe.ltrim(f"{self.ns}:hist:{e.user_id}", -self.history_len, -1)
@@ -58,18 +98,20 @@ class FeatureStore:
             for user in {e.user_id for e in events}:
                 pipe.expire(f"{self.ns}:hist:{user}", self.user_ttl_s)
                 pipe.expire(f"{self.ns}:seen:{user}", self.user_ttl_s)
-        pipe.execute()
 
     def upsert_items(self, items: Sequence[Item]) -> None:
         """Define or redefine catalog items and log them for readers to pick up."""
         if not items:
             return
         pipe = self.r.pipeline(transaction=False)
+        self._queue_items(pipe, items)
+        pipe.execute()
+
+    def _queue_items(self, pipe: redis.client.Pipeline, items: Sequence[Item]) -> None:
         for item in items:
             body = {**item.fields, "item_id": item.item_id, "text": item.text}
             pipe.hset(f"{self.ns}:items", item.item_id, json.dumps(body))
             pipe.rpush(f"{self.ns}:items:log", item.item_id)
-        pipe.execute()
 
     def put_text_features(self, encoder: str, feats: dict[str, np.ndarray],
                           replace: bool = False) -> set[str]:
@@ -192,3 +234,7 @@ def resolve_text_features(store: FeatureStore, encoder, items: Sequence[Item],
                           ) -> dict[str, np.ndarray]:
     """Text features for `items`, the same in every process (see `share_text_features`)."""
     return share_text_features(store, encoder, items, write_back, progress)[0]
+
+
+def _partition(src: Source) -> str:
+    return f"{src.topic}:{src.partition}"

@@ -7,6 +7,8 @@ Keys under `{ns}:w:` —
   v:{n}:blob:{i}      safetensors bytes, chunk i (immutable, SET NX)
   versions            sorted set of live versions (for retention and rollback)
   current             the version servers should serve
+  lease               "{token}:{owner}" of the one publisher allowed now (SET NX PX, renewed)
+  lease:token         the newest fencing token handed out (written with the lease it names)
 and the pub/sub channel `{ns}:w:published`. The pointer moves together with the notice in one
 MULTI/EXEC; subscribers also poll `current`, because pub/sub loses messages while disconnected.
 
@@ -19,6 +21,11 @@ sha256 of the parent's signed manifest, which covers the parent's blob hash and,
 own parent's digest): a chain can neither loop nor splice into another history. A delta must
 have its parent in the same epoch; a publisher whose parent is gone gets `StaleParent` and
 publishes a full snapshot instead.
+
+One publisher at a time: a publisher takes the lease (`acquire_lease`) and renews it; every
+acquisition gets a larger fencing token. The transaction that moves the pointer WATCHes the
+lease and runs only while the publisher's token is still the current one, so a zombie whose
+lease expired and passed on gets `LeaseLost` and changes nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,7 +43,7 @@ import redis
 import torch
 
 from model.serialization import WeightsError, apply_delta, from_bytes
-from protocol.errors import VerificationError
+from protocol.errors import LeaseLost, VerificationError
 
 CHUNK_BYTES = 4 * 1024 * 1024
 # Fields added to the manifest later; they are signed only when set, so manifests written before
@@ -90,6 +98,20 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """The right to publish into one store, held by one publisher at a time. `token` is a
+    fencing token: each acquisition gets a larger one, so a lease that passed on stays lost."""
+
+    token: int
+    owner: str  # who holds it, for people reading Redis and logs
+    ttl_ms: int  # it expires this long after its last renewal
+
+    @property
+    def value(self) -> str:
+        return f"{self.token}:{self.owner}"
+
+
+@dataclass(frozen=True)
 class LoadedVersion:
     """A verified, fully materialised version (deltas applied)."""
 
@@ -108,6 +130,79 @@ class WeightStore:
         self.ns = f"{namespace}:w"
         self.keep = keep
         self.channel = f"{self.ns}:published"
+        self.lease_key = f"{self.ns}:lease"
+        self.lease_seq = f"{self.ns}:lease:token"
+
+    # ------------------------------------------------------------------ the publisher lease
+    def acquire_lease(self, owner: str, ttl_ms: int) -> Lease | None:
+        """Take the publisher lease with the next fencing token if nobody holds it; None while
+        another publisher holds it (or took it at the same moment). The token and the lease
+        are written in one MULTI/EXEC, so the newest token is always the holder's."""
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(self.lease_key, self.lease_seq)
+                if pipe.exists(self.lease_key):
+                    return None
+                lease = Lease(int(pipe.get(self.lease_seq) or 0) + 1, owner, ttl_ms)
+                pipe.multi()
+                pipe.set(self.lease_seq, lease.token)
+                pipe.set(self.lease_key, lease.value, nx=True, px=ttl_ms)
+                _, taken = pipe.execute()
+            except redis.WatchError:  # another publisher got there first
+                return None
+        return lease if taken else None
+
+    def renew_lease(self, lease: Lease) -> bool:
+        """Extend `lease` by its ttl; False if it is lost (another publisher took it)."""
+        return self._fenced(lease, lambda pipe: None)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give the lease up (a clean shutdown), so the next publisher need not wait it out."""
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(self.lease_key)
+                if _text(pipe.get(self.lease_key)) == lease.value:
+                    pipe.multi()
+                    pipe.delete(self.lease_key)
+                    pipe.execute()
+            except redis.WatchError:
+                pass  # it changed hands meanwhile: not ours to release
+
+    def lease_holder(self) -> str | None:
+        """"{token}:{owner}" of the current lease, if any."""
+        return _text(self.r.get(self.lease_key))
+
+    def _fenced(self, lease: Lease | None, writes: Callable[[Any], object]) -> bool:
+        """Queue `writes` in one MULTI/EXEC that runs only if `lease` is the current lease (and
+        renews it), or, without a lease, if no publisher holds one. False, with nothing
+        written, otherwise. A lease that lapsed is taken up again while nobody took a newer
+        token (a stall nobody else waited out is forgiven; so is a Redis that lost its data,
+        whose token counter is then set back up to the lease's)."""
+        with self.r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(self.lease_key)
+                held = _text(pipe.get(self.lease_key))
+                newest: int | None = None  # the newest token, read only for a lapsed lease
+                if lease is None:
+                    current = held is None
+                elif held == lease.value:
+                    current = True
+                else:  # lapsed: ours again only if nobody has taken a newer token since
+                    pipe.watch(self.lease_seq)
+                    newest = int(pipe.get(self.lease_seq) or 0)
+                    current = held is None and newest <= lease.token
+                if not current:
+                    return False
+                pipe.multi()
+                if lease is not None:
+                    pipe.set(self.lease_key, lease.value, px=lease.ttl_ms)
+                    if newest is not None and newest < lease.token:
+                        pipe.set(self.lease_seq, lease.token)  # Redis lost it: never again
+                writes(pipe)
+                pipe.execute()
+            except redis.WatchError:  # the lease changed hands between the check and EXEC
+                return False
+        return True
 
     # ------------------------------------------------------------------ writing
     def epoch(self) -> str:
@@ -126,16 +221,22 @@ class WeightStore:
                 and _digest_of(raw) == parent.digest())
 
     def publish(self, blob: bytes, *, parent: Manifest | int | None, kind: str,
-                config: dict[str, Any], encoder: str, trained_through: dict[str, Any]
-                ) -> Manifest:
+                config: dict[str, Any], encoder: str, trained_through: dict[str, Any],
+                lease: Lease | None = None) -> Manifest:
         """Store a new immutable version, then move the pointer and notify, atomically.
 
         `parent` is the manifest the weights were trained from. (A bare number is accepted for
         older callers; then the stored manifest of that number is taken as the parent.) A delta
         whose parent is not the stored version in this epoch raises `StaleParent`; a full
-        snapshot whose parent is from another epoch is published without a parent."""
+        snapshot whose parent is from another epoch is published without a parent.
+
+        `lease` is the publisher lease; the pointer moves only while it is current (checked in
+        the same transaction), else `LeaseLost` and the version's keys are removed again.
+        Without a lease, publishing works only while no publisher holds one."""
         if kind not in ("full", "delta"):
             raise ValueError("kind must be 'full' or 'delta'")
+        if not self._fenced(lease, lambda pipe: None):  # fail before writing anything
+            raise LeaseLost(self._lost_message(lease))
         epoch = self.epoch()
         parent_m = (_manifest_or_none(self._raw_manifest(parent)) if isinstance(parent, int)
                     else parent)
@@ -157,17 +258,29 @@ class WeightStore:
         pipe.set(f"{self.ns}:v:{version}:manifest", json.dumps(asdict(manifest)), nx=True)
         if not all(pipe.execute()):
             raise WeightsError(f"version {version} already exists; versions are immutable")
-        self.point_to(version)
+        if not self._fenced(lease, lambda pipe: self._point(pipe, version)):
+            self.r.delete(f"{self.ns}:v:{version}:manifest",
+                          *(f"{self.ns}:v:{version}:blob:{i}" for i in range(len(chunks))))
+            raise LeaseLost(self._lost_message(lease))
         self.prune()
         return manifest
 
+    def _lost_message(self, lease: Lease | None) -> str:
+        held = self.lease_holder()
+        mine = f"lease {lease.value}" if lease is not None else "no lease"
+        return f"publisher holds {mine}, but the current publisher lease is {held or 'none'}"
+
     def point_to(self, version: int) -> None:
-        """Make `version` current and tell subscribers, in one MULTI/EXEC."""
+        """Make `version` current and tell subscribers, in one MULTI/EXEC (no lease: for
+        operators and tools; a publisher's own `publish` is fenced by its lease)."""
         pipe = self.r.pipeline(transaction=True)
+        self._point(pipe, version)
+        pipe.execute()
+
+    def _point(self, pipe: Any, version: int) -> None:
         pipe.zadd(f"{self.ns}:versions", {str(version): version})
         pipe.set(f"{self.ns}:current", version)
         pipe.publish(self.channel, str(version))
-        pipe.execute()
 
     def prune(self) -> None:
         """Keep the newest `keep` versions plus every version their delta chains need."""
@@ -315,3 +428,7 @@ def _manifest_or_none(raw: dict[str, Any] | None) -> Manifest | None:
 def _digest_of(raw: dict[str, Any]) -> str | None:
     m = _manifest_or_none(raw)
     return m.digest() if m is not None else None
+
+
+def _text(raw: bytes | str | None) -> str | None:
+    return raw.decode() if isinstance(raw, bytes) else raw

@@ -468,14 +468,20 @@ def test_redis_acl_allows_each_role_its_job_and_nothing_more(acl_redis: int) -> 
     key = b"k" * 32
 
     # Each role does what the real store code does.
+    topics = pytest.importorskip("protocol.topics")
     features.FeatureStore(feats).apply([events.Interaction("u1", "i1", 1.0)])
+    features.FeatureStore(feats).apply_records(  # what the consumer does: WATCH + MULTI/EXEC
+        [(topics.Source("t", 0, 0, 0), events.Interaction("u2", "i1", 1.0))])
     features.FeatureStore(feats).upsert_items([events.Item("i1", "Toy Story (1995)")])
     sub = api.pubsub()
     sub.subscribe("freshrec:w:published")
     store = weights.WeightStore(trainer, key, keep=2)
+    lease = store.acquire_lease("trainer", ttl_ms=10_000)  # the publisher lease (WATCH/MULTI)
+    assert lease is not None and store.renew_lease(lease)
     for _ in range(3):  # the third publish prunes (DEL, ZREM)
         manifest = store.publish(b"x" * 100, parent=None, kind="full", config={}, encoder="e",
-                                 trained_through={})
+                                 trained_through={}, lease=lease)
+    store.release_lease(lease)
     assert features.FeatureStore(trainer).user_state("u1") == (["i1"], {"i1"})
     reader = weights.WeightStore(api, key)
     assert reader.current() == manifest.version

@@ -7,6 +7,9 @@ version is published and which offsets may be committed, with an exact clock.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import random
+import time
 
 import pytest
 import redis
@@ -37,12 +40,13 @@ def make_trainer(redis_url: str, namespace: str, tiny_encoder, **settings) -> Tr
                    FeatureStore(client, namespace))
 
 
-def poll(events: list[Interaction], first_offset: int, items: list[Item] = ()) -> Polled:  # type: ignore[assignment]
-    """One poll of partition 0: `events` at consecutive offsets from `first_offset`."""
-    src = [Source(TOPIC, 0, first_offset + k, 0) for k in range(len(events))]
+def poll(events: list[Interaction], first_offset: int, items: list[Item] = (),  # type: ignore[assignment]
+         partition: int = 0) -> Polled:
+    """One poll of one partition: `events` at consecutive offsets from `first_offset`."""
+    src = [Source(TOPIC, partition, first_offset + k, 0) for k in range(len(events))]
     return Polled(interactions=list(zip(src, events, strict=True)),
                   items=[(Source("items", 0, k, 0), it) for k, it in enumerate(items)],
-                  offsets={TopicPartition(TOPIC, 0): first_offset + len(events)})
+                  offsets={TopicPartition(TOPIC, partition): first_offset + len(events)})
 
 
 def events(n: int, offset: int = 0) -> list[Interaction]:
@@ -79,3 +83,92 @@ def test_offsets_wait_for_the_version_that_includes_them(redis_url, namespace,
     assert done == {TopicPartition(TOPIC, 0): 70}
     manifest = trainer.weights.manifest(trainer.weights.current())
     assert manifest.trained_through["offsets"] == {f"{TOPIC}:0": 70}
+
+
+def test_a_resumed_trainer_keeps_the_offsets_of_partitions_it_has_not_seen_since(
+        redis_url, namespace, tiny_encoder) -> None:
+    """The version a trainer resumes from says how far every partition was trained; the next
+    version must still say so for partitions that brought nothing new (issue 9 #3)."""
+    first = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                         publish_interval_ms=0)
+    first.add_items(ITEMS)
+    first.on_poll(poll(events(40), 0, partition=0), now=1.0)
+    first.on_poll(poll(events(40, 40), 0, partition=1), now=2.0)
+    store = first.weights
+    assert store.manifest(store.current()).trained_through["offsets"] == \
+        {f"{TOPIC}:0": 40, f"{TOPIC}:1": 40}
+
+    first.features.upsert_items(ITEMS)  # the catalog the features consumer would have stored
+    first.weights.release_lease(first.lease)  # it stops, as `run` does
+    second = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                          publish_interval_ms=0)
+    second.bootstrap()
+    second.on_poll(poll(events(40, 80), 40, partition=0), now=1.0)
+    assert store.manifest(store.current()).trained_through["offsets"] == \
+        {f"{TOPIC}:0": 80, f"{TOPIC}:1": 40}
+    # where a consumer resumes (the transport seeks there on assignment)
+    assert second.resume_offsets(TOPIC) == {TopicPartition(TOPIC, 0): 80,
+                                            TopicPartition(TOPIC, 1): 40}
+
+
+def mixed_events(n: int, offset: int = 0, seed: int = 0) -> list[Interaction]:
+    """Many users, each seeing few items: the published weights hit some of them in the top 10."""
+    rnd = random.Random(seed + offset)
+    return [Interaction(f"m{rnd.randrange(60)}", str(rnd.randrange(30)), float(k))
+            for k in range(offset, offset + n)]
+
+
+def test_a_refused_interval_is_committed_only_with_a_version_that_records_it(
+        redis_url, namespace, tiny_encoder) -> None:
+    """Events the gate refused are in no weights: their offsets are held back until a published
+    version records them as refused, so a crash in between trains them again (issue 9 #4)."""
+    trainer = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=50,
+                           publish_interval_ms=0)
+    # A gate that must refuse: the candidate would need 101x the published weights' HR@10.
+    trainer.learner.cfg = dataclasses.replace(trainer.learner.cfg, gate_tolerance=-100.0,
+                                              gate_min_events=1)
+    trainer.add_items(ITEMS)
+    tp = TopicPartition(TOPIC, 0)
+    assert trainer.on_poll(poll(mixed_events(50), 0), now=1.0) == {tp: 50}  # nothing to gate yet
+    first = trainer.weights.current()
+
+    trainer._last_eval = 0.0  # score this batch (the trainer samples evaluation by cost)
+    assert trainer.on_poll(poll(mixed_events(50, 50), 50), now=2.0) == {}, \
+        "refused events were committed without being in any weights"
+    assert trainer.weights.current() == first
+    assert trainer.on_poll(poll([], 0, items=[ITEMS[0]]), now=2.5) == {}, \
+        "an items-only poll committed past the refused events"
+
+    trainer.learner.cfg = dataclasses.replace(trainer.learner.cfg, gate=False)  # next one passes
+    assert trainer.on_poll(poll(mixed_events(50, 100), 100), now=3.0) == {tp: 150}
+    through = trainer.weights.manifest(trainer.weights.current()).trained_through
+    assert through["offsets"] == {f"{TOPIC}:0": 150}
+    assert through["refused"] == {f"{TOPIC}:0": [50, 100]}
+    assert through["refused_events"] == 50
+    assert through["refused_reason"].startswith("gate_refused: holdout HR@10")
+
+
+def test_only_the_lease_holder_publishes_and_a_zombie_cannot(redis_url, namespace,
+                                                             tiny_encoder) -> None:
+    """Two trainers on one store: the one holding the publisher lease publishes, the other
+    does not; once the lease expired and passed on, the old holder cannot publish (issue 9 #7)."""
+    a = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                     publish_interval_ms=0, lease_ttl_ms=1000)
+    b = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                     publish_interval_ms=0, lease_ttl_ms=1000)
+    a.add_items(ITEMS)
+    b.add_items(ITEMS)
+    tp = TopicPartition(TOPIC, 0)
+    assert a.on_poll(poll(events(40), 0), now=1.0) == {tp: 40}
+    assert b.on_poll(poll(events(40), 0), now=1.0) == {}, "a second trainer published"
+    store = a.weights
+    assert len(store.versions()) == 1
+
+    time.sleep(1.2)  # a stalls past its lease; b takes over
+    assert b.on_poll(poll(events(40, 40), 40), now=3.0) == {tp: 80}
+    taken = store.current()
+    from protocol.errors import LeaseLost
+
+    with pytest.raises(LeaseLost):
+        a.on_poll(poll(events(40, 40), 40), now=3.0)
+    assert store.current() == taken and len(store.versions()) == 2
