@@ -164,7 +164,7 @@ class ModelHolder:
             t0 = time.monotonic()
             try:
                 loaded = self.weights.load(target, have=have)
-                scorer = self._build(loaded, self._delta_rows(loaded, have))
+                scorer = self._build(loaded, self._changed_rows(loaded, have))
             except (VerificationError, ValueError) as exc:  # WeightsError is a ValueError
                 reason = getattr(exc, "reason", None) or (
                     "bad_shape" if isinstance(exc, WeightsError) else "bad_manifest")
@@ -196,14 +196,20 @@ class ModelHolder:
             self._catalog_copy = dict(self._catalog)
         return self._catalog_copy
 
-    def _delta_rows(self, loaded: LoadedVersion, have: LoadedVersion | None
-                    ) -> torch.Tensor | None:
-        """(k,) the ID-table rows in which a linear-tower `loaded` differs from `have`, when the
-        store reached it from `have` by deltas alone; None otherwise (build in full). The rows
-        are read back from those deltas' blobs (small, immutable, hash-checked): the store's
-        `load` does not report them."""
-        if have is None or loaded is have or loaded.manifest.config.get("item_tower") != "linear":
+    def _changed_rows(self, loaded: LoadedVersion, have: LoadedVersion | None
+                      ) -> torch.Tensor | None:
+        """(k,) the ID-table rows (appended ones included) in which a linear-tower `loaded`
+        differs from the served `have`; None when it is not comparable (build in full)."""
+        if have is None or loaded is have or loaded.manifest.config != have.manifest.config \
+                or loaded.manifest.config.get("item_tower") != "linear":
             return None
+        rows = self._delta_rows(loaded, have)
+        return rows if rows is not None else _table_diff(loaded, have)
+
+    def _delta_rows(self, loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | None:
+        """The rows, when the store reached `loaded` from `have` by deltas alone: read back
+        from those deltas' blobs (small, immutable, hash-checked), as the store's `load` does
+        not report them. O(rows changed)."""
         parts, m = [], loaded.manifest
         try:
             for _ in range(MAX_DELTA_WALK):
@@ -326,3 +332,15 @@ class ModelHolder:
         assert table.shape[0] == len(loaded.item_ids)
         metrics.BUILDS.labels("full").inc()
         return Scorer(net, text, ids)
+
+
+def _table_diff(loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | None:
+    """The rows in which a full snapshot (every `full_every`-th version) differs from the served
+    version whose item order it extends: one comparison of the two ID tables, O(N d) reads but
+    no rebuild. A non-finite row never compares equal, so it is among the rows checked."""
+    old, new = have.tensors[ID_TABLE], loaded.tensors[ID_TABLE]
+    n = len(have.item_ids)
+    if new.shape[0] < n or new.shape[1:] != old.shape[1:] or loaded.item_ids[:n] != have.item_ids:
+        return None
+    changed = (new[:n] != old).any(dim=1).nonzero().flatten()  # (k,)
+    return torch.cat([changed, torch.arange(n, new.shape[0])])
