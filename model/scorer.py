@@ -17,6 +17,7 @@ import torch
 from model.towers import TwoTower, id_scale
 
 HEADROOM = 1.25  # a column buffer holds this many times the rows it needs: appends are amortised
+MAX_LOG = 64  # generations of changed rows kept; a buffer further behind is refreshed by memcpy
 MIN_ROWS = 16  # CPU GEMMs of 1-3 rows take another kernel and round differently: pad up to this
 
 
@@ -124,15 +125,16 @@ class ColumnStore:
                                         key=lambda b: b.gen))
             self.buffers.append(buf)
         else:
-            behind = [self.log[g] for g in range(buf.gen + 1, self.gen)]
-            stale = torch.cat(behind).unique() if behind else rows[:0]
-            if len(stale) > n_old // 2:
+            behind = [self.log.get(g) for g in range(buf.gen + 1, self.gen)]
+            lost = any(b is None for b in behind)  # further behind than the log reaches
+            stale = rows[:0] if lost or not behind else torch.cat(behind).unique()
+            if lost or len(stale) > n_old // 2:
                 buf.data[:n_old] = cur.data[:n_old]  # one memcpy beats a large gather
             elif len(stale):
                 buf.data[stale] = cur.data[stale]
         buf.data[rows] = vals
         buf.gen = self.gen
-        oldest = min(b.gen for b in self.buffers)
+        oldest = max(min(b.gen for b in self.buffers), self.gen - MAX_LOG)
         for g in [g for g in self.log if g <= oldest]:
             del self.log[g]
         return buf
@@ -140,8 +142,7 @@ class ColumnStore:
     def _free(self, cur: _Buffer, n: int) -> _Buffer | None:
         """The least stale pooled buffer that no live Scorer reads and that has room for `n`."""
         free = [b for b in self.buffers if b is not cur and b.data.shape[0] >= n
-                and (b.owner is None or b.owner() is None)
-                and all(g in self.log for g in range(b.gen + 1, self.gen))]
+                and (b.owner is None or b.owner() is None)]
         return max(free, key=lambda b: b.gen) if free else None
 
 

@@ -90,6 +90,37 @@ def test_updated_equals_a_full_build_and_never_writes_a_live_scorer() -> None:
     assert len(buffers) <= 2 + len(pinned), "buffers of dead Scorers are reused"
 
 
+def test_a_buffer_further_behind_than_the_log_is_refreshed_whole() -> None:
+    """A Scorer pinned for more generations than the change log keeps: once it is dropped, its
+    buffer is reused by copying the newest columns whole, not from a log that no longer
+    reaches back."""
+    from model.scorer import MAX_LOG
+
+    ids, text, table = catalog(60)
+    net = tower()
+    gen = torch.Generator().manual_seed(2)
+
+    def touch(cur: Scorer) -> Scorer:
+        nonlocal table
+        rows = torch.randint(60, (2,), generator=gen)
+        table = table.clone()
+        table[rows] += 0.01
+        return step(cur, net, ids, text, table, rows)
+
+    pinned = cur = Scorer(net, text, list(ids), ids=table)
+    pinned_at = pinned.cols.data_ptr()
+    for _ in range(MAX_LOG + 5):
+        cur = touch(cur)  # two other buffers take turns
+    older = cur  # keeps the fresher free buffer busy, so the pinned one is the one reused
+    cur = touch(cur)
+    del pinned
+    cur = touch(cur)
+    assert cur.cols.data_ptr() == pinned_at
+    assert len(cur._store.log) <= MAX_LOG
+    assert torch.equal(cur.cols, Scorer(net, text, list(ids), ids=table).cols)
+    assert older.cols.shape == cur.cols.shape
+
+
 def test_a_delta_changes_exactly_its_rows() -> None:
     """k touched ID rows change exactly those rows of the columns, plus the appended ones."""
     ids, text, table = catalog(500)
