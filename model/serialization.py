@@ -105,6 +105,6 @@ def check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Si
         raise WeightsError("item-ID table does not match the item list")
     for name, t in tensors.items():
         if name == ID_TABLE and table_rows is not None:
-            t = t[table_rows]
+            t = t[table_rows[table_rows < len(t)]]
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise WeightsError(f"tensor {name} has non-finite values")

@@ -303,8 +303,8 @@ class ModelHolder:
         net = TwoTower(cfg, self.encoder.dim, 0 if linear else len(loaded.item_ids))
         expected = {k: v.shape for k, v in net.state_dict().items()}
         for name, t in loaded.tensors.items():  # its own reason: NaN is not a shape problem
-            if name == ID_TABLE and rows is not None:
-                t = t[rows]
+            if name == ID_TABLE and rows is not None and t.dim() == 2:
+                t = t[rows[rows < len(t)]]  # the rest was checked in the version served
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise VerificationError("non_finite",
                                         f"version {m.version}: tensor {name} has non-finite values")
