@@ -169,7 +169,9 @@ def median_swap_s(n: int, swaps: int = 7, k: int = 256) -> float:
 def test_a_swap_costs_what_it_changed_not_the_catalog() -> None:
     """A swap at 200k items costs no more than a small multiple of one at 2k items."""
     small, large = median_swap_s(2_000), median_swap_s(200_000)
-    assert large < 5 * small + 0.002, f"2k items: {small * 1e3:.2f} ms, 200k: {large * 1e3:.2f} ms"
+    # measured 0.7 vs 1.0 ms; a copy of the 200k columns alone costs ~100 ms. The 1 ms is for a
+    # busy 2-core machine's scheduling noise, which is no catalog-size cost.
+    assert large < 5 * small + 0.001, f"2k items: {small * 1e3:.2f} ms, 200k: {large * 1e3:.2f} ms"
 
 
 def test_the_learners_scorer_is_built_row_by_row_and_equals_a_full_build(tiny_encoder) -> None:  # noqa: ANN001
