@@ -56,34 +56,31 @@ def measure(n: int, rows: int, swaps: int) -> dict[str, float]:
     table = torch.randn(n + extra, net.cfg.dim, generator=gen) * 0.3
     ids = [f"i{j}" for j in range(n + extra)]
     index = {item: j for j, item in enumerate(ids)}
-    out: dict[str, float] = {"items": n}
+    out: dict[str, float] = {"items": float(n)}
     with torch.no_grad():
         out["rebuild_ms"] = median_ms(lambda: Scorer(net, text[:n], ids[:n], ids=table[:n]),
                                       min(swaps, 3))
-        state = {"scorer": Scorer(net, text[:n], ItemNames(ids, index, n), ids=table[:n]),
-                 "n": n}
+        served = Scorer(net, text[:n], ItemNames(ids, index, n), ids=table[:n])
+        size = n
 
         def change() -> tuple[int, int, torch.Tensor]:
-            n_old = state["n"]
+            n_old = size
             touched = torch.randint(n_old, (rows,), generator=gen)
             return n_old, n_old + 16, torch.cat([touched, torch.arange(n_old, n_old + 16)]).unique()
 
         def copy_swap() -> None:
-            scorer = state["scorer"]
             n_old, n_new, r = change()
-            cols = torch.empty(n_new, scorer.cols.shape[1])
-            cols[:n_old] = scorer.cols
+            cols = torch.empty(n_new, served.cols.shape[1])
+            cols[:n_old] = served.cols
             base = fixed_projection(net, text[r])
             scale = torch.rsqrt(1 + (table[r] ** 2).sum(-1, keepdim=True))
             cols[r] = torch.cat([scale * base, scale, scale * table[r]], dim=1)
 
         def updated_swap() -> None:
-            n_old, n_new, r = change()
-            scorer = state["scorer"]
-            state["scorer"] = scorer.updated(net, ItemNames(ids, index, n_new), r, table[r],
-                                             fixed_projection(net, text[r]))
-            state["n"] = n_new
-            del scorer
+            nonlocal served, size
+            _, size, r = change()
+            served = served.updated(net, ItemNames(ids, index, size), r, table[r],
+                                    fixed_projection(net, text[r]))  # the old one is dropped
 
         out["copy_ms"] = median_ms(copy_swap, swaps)
         updated_swap()  # the first swap allocates the second buffer

@@ -125,8 +125,9 @@ class ColumnStore:
                                         key=lambda b: b.gen))
             self.buffers.append(buf)
         else:
-            behind = [self.log.get(g) for g in range(buf.gen + 1, self.gen)]
-            lost = any(b is None for b in behind)  # further behind than the log reaches
+            gens = range(buf.gen + 1, self.gen)
+            lost = any(g not in self.log for g in gens)  # further behind than the log reaches
+            behind = [self.log[g] for g in gens if g in self.log]
             stale = rows[:0] if lost or not behind else torch.cat(behind).unique()
             if lost or len(stale) > n_old // 2:
                 buf.data[:n_old] = cur.data[:n_old]  # one memcpy beats a large gather
@@ -245,8 +246,8 @@ class Scorer:
         """Histories of item ids (oldest first; unknown ids ignored) -> (B, d) query vectors."""
         t = self.history_len
         idx = torch.full((len(histories), t), -1, dtype=torch.long)
-        for row, hist in enumerate(histories):
-            known = [j for j in map(self.names.position, hist) if j is not None][-t:]
+        for row, items in enumerate(histories):
+            known = [j for j in map(self.names.position, items) if j is not None][-t:]
             if known:
                 idx[row, t - len(known):] = torch.tensor(known)
         idx = idx.to(self.net.id_emb.device)

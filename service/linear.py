@@ -67,8 +67,7 @@ class LinearCatalog:
         added = ids[n_old:]
         if any(item in self._index for item in added):
             return None
-        if net.cfg.text and (self._basis is None or
-                             not torch.equal(net.adapter.basis, self._basis)):
+        if net.cfg.text and (self._basis is None or not torch.equal(basis_of(net), self._basis)):
             return None  # another basis: every projection changes
         self._project(net)
         for item in added:
@@ -99,7 +98,7 @@ class LinearCatalog:
         `net` brings another basis than the cached projections were made with."""
         if not net.cfg.text:
             return
-        basis = net.adapter.basis
+        basis = basis_of(net)
         if self._basis is None or not torch.equal(basis, self._basis):
             self._basis = basis.detach().clone()
             self._proj = torch.zeros(1 + len(self._text), basis.shape[1])
@@ -122,3 +121,10 @@ class LinearCatalog:
                 grown[: self._proj.shape[0]] = self._proj
                 self._proj = grown
             self._proj[torch.tensor(rows)] = proj
+
+
+def basis_of(net: TwoTower) -> torch.Tensor:
+    """The linear tower's fixed (H, k) text basis."""
+    basis = net.adapter.basis
+    assert isinstance(basis, torch.Tensor)
+    return basis
