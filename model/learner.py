@@ -172,11 +172,18 @@ class OnlineLearner:
             self.id_opt.state[self.net.id_emb] = state
 
     def _touch(self, rows: torch.Tensor | None) -> None:
-        """Rows (k,) whose item columns changed (None: all of them), for the next Scorer."""
+        """Rows (k,) whose item columns changed (None: all of them), for the next linear
+        Scorer. Bounded while nothing ranks: merged every 64 steps, and once they cover half
+        the catalog a full rebuild is as cheap."""
+        if self.cfg.item_tower != "linear":
+            return
         if rows is None:
             self._touched = None
         elif self._touched is not None:
             self._touched.append(rows.flatten().to(self.device))
+            if len(self._touched) > 64:
+                merged = torch.cat(self._touched).unique()
+                self._touched = [merged] if len(merged) < len(self.item_ids) // 2 else None
 
     def _refresh_text(self) -> None:
         """lora/full: the encoder itself changes, so every cached feature is recomputed."""

@@ -209,3 +209,8 @@ def test_the_learners_scorer_is_built_row_by_row_and_equals_a_full_build(tiny_en
         assert got.rank_batch([["i1", "i2"]], 10) == want.rank_batch([["i1", "i2"]], 10)
         assert (got._store is store) == (s != 3), f"step {s}: built from the last one?"
         store = got._store
+    for s in range(70):  # many steps, nothing ranked: the touched rows are merged on the way
+        learner.learn(events(100 + s)[:1])
+    n = len(learner.item_ids)
+    want = Scorer(copy.deepcopy(learner.net).eval(), learner.text[:n], list(learner.item_ids))
+    assert torch.equal(learner.scorer().cols, want.cols)
