@@ -324,6 +324,7 @@ class ModelHolder:
             return self._linear.full(net, loaded.item_ids, table, self._catalog)
         net.load_state_dict(loaded.tensors)
         net.eval()
+        self._linear = LinearCatalog(self._text)  # unused by `mlp`: keep nothing growing in it
         known = set(loaded.item_ids)
         ids = list(loaded.item_ids) + [i for i in self._catalog if i not in known]
         zero = np.zeros(self.encoder.dim, dtype=np.float32)
