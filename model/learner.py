@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from model.config import ModelConfig
 from model.encoder import TextEncoder
 from model.events import Interaction, Item
 from model.replay import Reservoir
-from model.scorer import Scorer
+from model.scorer import ItemNames, Scorer, fixed_projection
 from model.towers import TwoTower
 
 Example = tuple[tuple[int, ...], int]  # (history item indices oldest first, target index)
@@ -96,6 +97,10 @@ class OnlineLearner:
         self._gate_hits: list[float] = []  # candidate's prequential hits since the last publish
         self._gate_published: list[float] = []  # the published weights' hits on the same events
         self._scorer: Scorer | None = None
+        # linear item tower: the newest Scorer built, and the catalog rows whose ID row or text
+        # changed since (None: everything, e.g. after a rollback), so the next is built from it
+        self._last_scorer: Scorer | None = None
+        self._touched: list[torch.Tensor] | None = None
         self.autocast = self.device.type == "cuda"
 
     # ------------------------------------------------------------------ catalog
@@ -111,6 +116,7 @@ class OnlineLearner:
             feats = self.encoder.encode([t for _, t in fresh], progress=progress)
             rows = torch.tensor([i for i, _ in fresh], device=self.device)
             self.text[rows] = torch.from_numpy(feats).to(self.device)
+            self._touch(rows)
         elif fresh:
             self._refresh_text()
         self._scorer = None
@@ -126,7 +132,9 @@ class OnlineLearner:
             self.texts[i] = texts.get(item_id, self.texts[i])
             rows.append(i)
         matrix = np.stack([np.asarray(v, dtype=np.float32) for v in feats.values()])  # (n, H)
-        self.text[torch.tensor(rows, device=self.device)] = torch.from_numpy(matrix).to(self.device)
+        positions = torch.tensor(rows, device=self.device)
+        self.text[positions] = torch.from_numpy(matrix).to(self.device)
+        self._touch(positions)
         self._scorer = None
 
     def _ensure(self, item_id: str) -> int:
@@ -163,8 +171,23 @@ class OnlineLearner:
                 state[key] = val
             self.id_opt.state[self.net.id_emb] = state
 
+    def _touch(self, rows: torch.Tensor | None) -> None:
+        """Rows (k,) whose item columns changed (None: all of them), for the next linear
+        Scorer. Bounded while nothing ranks: merged every 64 steps, and once they cover half
+        the catalog a full rebuild is as cheap."""
+        if self.cfg.item_tower != "linear":
+            return
+        if rows is None:
+            self._touched = None
+        elif self._touched is not None:
+            self._touched.append(rows.flatten().to(self.device))
+            if len(self._touched) > 64:
+                merged = torch.cat(self._touched).unique()
+                self._touched = [merged] if len(merged) < len(self.item_ids) // 2 else None
+
     def _refresh_text(self) -> None:
         """lora/full: the encoder itself changes, so every cached feature is recomputed."""
+        self._touch(None)
         if self.item_ids:
             feats = self.encoder.encode(self.texts)
             self.text[: len(feats)] = torch.from_numpy(feats).to(self.device)
@@ -288,6 +311,7 @@ class OnlineLearner:
         self.opt.step()
         if self.net.id_emb.grad is not None:
             self.id_opt.step()
+            self._touch(needed)  # SparseAdam moved exactly the rows of its sparse gradient
         return float(loss.detach()), float(penalty.detach()), grad_norm
 
     def _anchor_penalty(self) -> torch.Tensor:
@@ -319,9 +343,32 @@ class OnlineLearner:
         if self._scorer is None:
             self._sync_id_table()
             n = len(self.item_ids)
-            net = copy.deepcopy(self.net).eval()
-            self._scorer = Scorer(net, self.text[:n], self.item_ids)
+            if self.cfg.item_tower == "linear":
+                self._scorer = self._linear_scorer(n)
+            else:
+                net = copy.deepcopy(self.net).eval()
+                self._scorer = Scorer(net, self.text[:n], self.item_ids)
         return self._scorer
+
+    def _linear_scorer(self, n: int) -> Scorer:
+        """The linear tower's Scorer, built from the previous one at the cost of the rows
+        touched since (ID rows SparseAdam moved, new texts, appended items): the dense towers
+        are copied (small), the ID table is not, and item names are shared, not copied."""
+        table = self.net.id_emb.detach()  # (N, d)
+        no_table = nn.Parameter(table[:0].clone(), requires_grad=False)
+        net = copy.deepcopy(self.net, memo={id(self.net.id_emb): no_table}).eval()
+        names = ItemNames(self.item_ids, self.index, n)
+        prev, touched = self._last_scorer, self._touched
+        if prev is None or touched is None:
+            scorer = Scorer(net, self.text[:n], names, ids=table[:n])
+        else:
+            appended = torch.arange(len(prev), n, device=self.device)
+            rows = torch.cat([*touched, appended]).unique()  # (k,) sorted
+            ids = table[rows] if self.cfg.id_embedding else table.new_zeros(len(rows), table.shape[1])
+            base = fixed_projection(net, self.text[rows]) if self.cfg.text else None
+            scorer = prev.updated(net, names, rows, ids, base)
+        self._last_scorer, self._touched = scorer, []
+        return scorer
 
     def rank(self, history: Sequence[str], k: int = 10,
              exclude: Collection[str] = ()) -> list[tuple[str, float]]:
@@ -416,6 +463,7 @@ class OnlineLearner:
         if enc:
             self.encoder.model.load_state_dict(enc, strict=False)
             self._refresh_text()
+        self._touch(None)  # any row may differ from the last Scorer's
         self._scorer = None
 
 

@@ -20,15 +20,18 @@ from model.config import ModelConfig
 from model.encoder import TextEncoder
 from model.events import Item
 from model.scorer import Scorer
-from model.serialization import ID_TABLE, WeightsError, check_tensors
+from model.serialization import ID_TABLE, WeightsError, check_tensors, from_bytes
 from model.towers import TwoTower
 from protocol.errors import VerificationError
 from protocol.features import FeatureStore, share_text_features
 from protocol.weights import LoadedVersion, WeightStore
+from protocol.weights import _parent_matches as parent_matches  # the store's own chain rule
 from service import metrics
+from service.linear import LinearCatalog
 
 log = logging.getLogger("freshrec.service")
 RETRY_MAX_S = 300.0  # a version that failed to build is tried again after 1, 2, 4 ... this many s
+MAX_DELTA_WALK = 20  # deltas read back to find the rows changed since the served version
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class ModelHolder:
         self._last_swap = 0.0
         self._catalog: dict[str, Item] = {}
         self._text: dict[str, np.ndarray] = {}
+        self._linear = LinearCatalog(self._text)  # item_tower="linear": projections, vocabulary
+        self._catalog_copy: dict[str, Item] | None = None  # what snapshots share until it changes
         self._unshared: set[str] = set()  # items whose features this server encoded itself
         self._cursor = 0
         self._round_since: float | None = None  # monotonic start of the refresh in progress
@@ -159,7 +164,7 @@ class ModelHolder:
             t0 = time.monotonic()
             try:
                 loaded = self.weights.load(target, have=have)
-                scorer = self._build(loaded)
+                scorer = self._build(loaded, self._changed_rows(loaded, have))
             except (VerificationError, ValueError) as exc:  # WeightsError is a ValueError
                 reason = getattr(exc, "reason", None) or (
                     "bad_shape" if isinstance(exc, WeightsError) else "bad_manifest")
@@ -177,12 +182,46 @@ class ModelHolder:
             self._failed_builds.pop(target, None)
             self._build_seconds = 0.7 * self._build_seconds + 0.3 * (time.monotonic() - t0)
             self._last_swap = time.monotonic()
-            self._swap(Snapshot(target, loaded, scorer, dict(self._catalog)))
+            self._swap(Snapshot(target, loaded, scorer, self._catalog_view()))
         elif catalog_changed and cur.loaded is not None:
-            self.current = Snapshot(cur.version, cur.loaded, self._build(cur.loaded),
-                                    dict(self._catalog))
+            unchanged = torch.zeros(0, dtype=torch.long)  # same weights: only the catalog moved
+            self.current = Snapshot(cur.version, cur.loaded, self._build(cur.loaded, unchanged),
+                                    self._catalog_view())
         elif catalog_changed:
-            self.current = Snapshot(0, None, None, dict(self._catalog))
+            self.current = Snapshot(0, None, None, self._catalog_view())
+
+    def _catalog_view(self) -> dict[str, Item]:
+        """The catalog for a snapshot: copied only when it changed since the last one."""
+        if self._catalog_copy is None:
+            self._catalog_copy = dict(self._catalog)
+        return self._catalog_copy
+
+    def _changed_rows(self, loaded: LoadedVersion, have: LoadedVersion | None
+                      ) -> torch.Tensor | None:
+        """(k,) the ID-table rows (appended ones included) in which a linear-tower `loaded`
+        differs from the served `have`; None when it is not comparable (build in full)."""
+        if have is None or loaded is have or loaded.manifest.config != have.manifest.config \
+                or loaded.manifest.config.get("item_tower") != "linear":
+            return None
+        rows = self._delta_rows(loaded, have)
+        return rows if rows is not None else _table_diff(loaded, have)
+
+    def _delta_rows(self, loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | None:
+        """The rows, when the store reached `loaded` from `have` by deltas alone: read back
+        from those deltas' blobs (small, immutable, hash-checked), as the store's `load` does
+        not report them. O(rows changed)."""
+        parts, m = [], loaded.manifest
+        try:
+            for _ in range(MAX_DELTA_WALK):
+                if m.kind != "delta" or m.parent is None:
+                    return None
+                parts.append(from_bytes(self.weights.blob(m))[0]["id_emb.rows"])
+                if m.parent == have.manifest.version and parent_matches(m, have.manifest):
+                    return torch.cat(parts).to(torch.long)
+                m = self.weights.manifest(m.parent)
+        except (VerificationError, WeightsError, KeyError):
+            pass  # pruned or unreadable since `load` read it: the version itself is fine
+        return None
 
     def _build_failed(self, target: int, sig: str | None, exc: Exception, serving: int) -> None:
         """Count a failed build and set when to try it again (1, 2, 4 ... RETRY_MAX_S s), so a
@@ -222,6 +261,8 @@ class ModelHolder:
             self._text[item.item_id] = feats[item.item_id]
             self._unshared.discard(item.item_id)
         self._unshared |= unshared
+        self._catalog_copy = None
+        self._linear.items_changed(item.item_id for item in items)
         return True
 
     def _adopt_shared_features(self) -> bool:
@@ -236,12 +277,18 @@ class ModelHolder:
         for item_id, vec in stored.items():
             if vec.shape == (self.encoder.dim,):
                 self._unshared.discard(item_id)
-                changed |= not np.array_equal(vec, self._text[item_id])
+                if not np.array_equal(vec, self._text[item_id]):
+                    changed = True
+                    self._linear.items_changed([item_id])
                 self._text[item_id] = vec
         return changed
 
-    def _build(self, loaded: LoadedVersion) -> Scorer:
-        """Verify shapes and finiteness against the manifest's architecture, then build."""
+    def _build(self, loaded: LoadedVersion, rows: torch.Tensor | None = None) -> Scorer:
+        """Verify shapes and finiteness against the manifest's architecture, then build.
+
+        A linear item tower is built from the served Scorer when `rows` (k,) names the ID rows
+        that changed since the version it serves (only those rows are checked: the rest were
+        checked then), else in full from the cached per-item projections. `mlp` builds in full."""
         m = loaded.manifest
         if m.encoder != self.encoder.identity:
             raise VerificationError("encoder_mismatch",
@@ -251,19 +298,50 @@ class ModelHolder:
         if cfg.policy != "head":
             raise VerificationError("unsupported_policy",
                                     f"serving supports the head policy, got {cfg.policy}")
-        net = TwoTower(cfg, self.encoder.dim, len(loaded.item_ids))
+        linear = cfg.item_tower == "linear"
+        rows = rows if linear else None
+        net = TwoTower(cfg, self.encoder.dim, 0 if linear else len(loaded.item_ids))
         expected = {k: v.shape for k, v in net.state_dict().items()}
         for name, t in loaded.tensors.items():  # its own reason: NaN is not a shape problem
+            if name == ID_TABLE and rows is not None and t.dim() == 2:
+                t = t[rows[rows < len(t)]]  # the rest was checked in the version served
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise VerificationError("non_finite",
                                         f"version {m.version}: tensor {name} has non-finite values")
-        check_tensors(loaded.tensors, expected, len(loaded.item_ids))
+        check_tensors(loaded.tensors, expected, len(loaded.item_ids), rows)
+        table = loaded.tensors[ID_TABLE]
+        if linear:  # the Scorer reads the dense towers only: the ID table is not copied
+            net.load_state_dict({k: v for k, v in loaded.tensors.items() if k != ID_TABLE},
+                                strict=False)
+            net.eval()
+            prev = self.current.scorer
+            if rows is not None and prev is not None and prev.linear:
+                scorer = self._linear.updated(prev, net, loaded.item_ids, table, rows)
+                if scorer is not None:
+                    metrics.BUILDS.labels("rows").inc()
+                    return scorer
+            metrics.BUILDS.labels("full").inc()
+            return self._linear.full(net, loaded.item_ids, table, self._catalog)
         net.load_state_dict(loaded.tensors)
         net.eval()
+        self._linear = LinearCatalog(self._text)  # unused by `mlp`: keep nothing growing in it
         known = set(loaded.item_ids)
         ids = list(loaded.item_ids) + [i for i in self._catalog if i not in known]
         zero = np.zeros(self.encoder.dim, dtype=np.float32)
         text = torch.from_numpy(np.stack([self._text.get(i, zero) for i in ids])
                                 if ids else np.zeros((0, self.encoder.dim), np.float32))
-        assert loaded.tensors[ID_TABLE].shape[0] == len(loaded.item_ids)
+        assert table.shape[0] == len(loaded.item_ids)
+        metrics.BUILDS.labels("full").inc()
         return Scorer(net, text, ids)
+
+
+def _table_diff(loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | None:
+    """The rows in which a full snapshot (every `full_every`-th version) differs from the served
+    version whose item order it extends: one comparison of the two ID tables, O(N d) reads but
+    no rebuild. A non-finite row never compares equal, so it is among the rows checked."""
+    old, new = have.tensors[ID_TABLE], loaded.tensors[ID_TABLE]
+    n = len(have.item_ids)
+    if new.shape[0] < n or new.shape[1:] != old.shape[1:] or loaded.item_ids[:n] != have.item_ids:
+        return None
+    changed = (new[:n] != old).any(dim=1).nonzero().flatten()  # (k,)
+    return torch.cat([changed, torch.arange(n, new.shape[0])])

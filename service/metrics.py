@@ -26,6 +26,9 @@ IN_FLIGHT = Gauge("freshrec_http_requests_in_flight", "Requests being served.")
 SWAPS = Counter("freshrec_model_swaps", "Hot swaps to a new verified version.")
 SWAP_FAILURES = Counter("freshrec_model_swap_failures",
                         "Versions refused (the last good one kept serving).", ["reason"])
+BUILDS = Counter("freshrec_model_builds",
+                 "Ranking views built, by how: full (costs the catalog) or rows (linear item "
+                 "tower: from the served view, costs the rows the version changed).", ["how"])
 VERSION = Gauge("freshrec_model_version", "The version being served (0 = none yet).")
 
 

@@ -45,7 +45,7 @@ def _rank(snap: Snapshot, features: FeaturesDep, history: list[str], exclude: se
 
     ranked = _unseen_top(top, k, seen_among)
     if snap.scorer is not None:
-        used = sum(1 for i in history[-snap.scorer.history_len:] if i in snap.scorer.index)
+        used = sum(1 for i in history[-snap.scorer.history_len:] if i in snap.scorer)
         source = "model"
     else:
         used, source = 0, "popularity"
@@ -108,7 +108,7 @@ def recommend_anonymous(body: RecommendIn, holder: HolderDep,
                         features: FeaturesDep) -> RecommendOut:
     """Top-k for an anonymous session that brings its own history."""
     snap = holder.current
-    known = snap.scorer.index if snap.scorer is not None else snap.catalog
+    known = snap.scorer if snap.scorer is not None else snap.catalog
     unknown = [i for i in body.history if i not in known]
     if unknown and known:
         raise HTTPException(422, f"unknown item ids in history: {unknown[:10]}")

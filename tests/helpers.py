@@ -47,9 +47,10 @@ class Publisher:
 
     def __init__(self, client: redis.Redis, namespace: str, encoder_path: str,
                  encoder: TextEncoder | None = None, items: Sequence[Item] | None = None,
-                 events: Sequence[Interaction] | None = None, key: str = HMAC_KEY) -> None:
+                 events: Sequence[Interaction] | None = None, key: str = HMAC_KEY,
+                 item_tower: str = "mlp") -> None:
         self.cfg = ModelConfig(encoder_path=encoder_path, dim=16, history_len=8, negatives=16,
-                               user_heads=2, replay_size=500)
+                               user_heads=2, replay_size=500, item_tower=item_tower)
         self.learner = OnlineLearner(self.cfg, encoder or TextEncoder(encoder_path), device="cpu")
         self.store = WeightStore(client, key.encode(), namespace)
         self.items = list(items if items is not None else make_items())

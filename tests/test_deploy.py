@@ -39,6 +39,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 COUNTERS = {
     "freshrec_model_swaps_total",
     "freshrec_model_swap_failures_total",
+    "freshrec_model_builds_total",
     "freshrec_consumer_records_total",
     "freshrec_dlq_messages_total",
     "freshrec_dlq_write_failures_total",

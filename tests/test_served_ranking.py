@@ -25,11 +25,13 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pytest
 import redis
+import torch
 from helpers import (
     Publisher,
     client_for,
     make_events,
     make_items,
+    metric_value,
     seed_features,
     settings,
     wait_until,
@@ -87,6 +89,16 @@ def wait_served(c: TestClient, version: int, catalog_items: int) -> None:
         return m["version"] == version and m["catalog_items"] == catalog_items
 
     wait_until(ready, 20, f"version {version} over {catalog_items} catalog items")
+
+
+def served_columns(c: TestClient) -> torch.Tensor:
+    """A copy of the served linear Scorer's per-item columns (N, k + 1 + d)."""
+    return c.app.state.holder.current.scorer.cols.clone()  # type: ignore[attr-defined]
+
+
+def built_from_rows(c: TestClient) -> float:
+    """Ranking views this process built from the served one (linear tower, row by row)."""
+    return metric_value(c.get("/metrics").text, "freshrec_model_builds_total", {"how": "rows"})
 
 
 def scored(body: dict) -> list[tuple[str, float]]:
@@ -150,11 +162,16 @@ def check(c: TestClient, pub: Publisher, fs: FeatureStore, version: int, catalog
                       f"the first: {diffs[0]}"
 
 
+@pytest.mark.parametrize("item_tower", ["mlp", "linear"])
 def test_served_ranking_equals_the_learners(redis_url: str, api_redis_url: str, namespace: str,
-                                            tiny_encoder_path: str, tiny_encoder) -> None:  # noqa: ANN001
+                                            tiny_encoder_path: str, tiny_encoder,  # noqa: ANN001
+                                            item_tower: str) -> None:
+    """`linear`: the server builds each delta's Scorer from the one it serves, the learner its
+    own from its previous one; both must still equal each other exactly."""
     r = redis.Redis.from_url(redis_url)
     items = make_items(40)
-    pub = Publisher(r, namespace, tiny_encoder_path, tiny_encoder, items=[])
+    pub = Publisher(r, namespace, tiny_encoder_path, tiny_encoder, items=[],
+                    item_tower=item_tower)
     fs = seed_features(r, namespace, items, [])
     trainer_adds(pub, fs, items)
     learn(pub, fs, make_events(items, users=len(USERS), n=160))
@@ -166,6 +183,7 @@ def test_served_ranking_equals_the_learners(redis_url: str, api_redis_url: str, 
     with client_for(settings(api_redis_url, namespace, tiny_encoder_path)) as c:
         full = pub.publish()
         assert full.kind == "full"
+        old_table = pub.learner.state_tensors()["id_emb"].clone()
         check(c, pub, fs, full.version, 40, histories)
 
         # Items appended, then learned: the delta carries their new ID rows. The server sees
@@ -183,9 +201,21 @@ def test_served_ranking_equals_the_learners(redis_url: str, api_redis_url: str, 
         check(c, pub, fs, full.version, 44, histories)
         learn(pub, fs, make_events(items + late1, users=len(USERS), n=80, seed=1,
                                    t0=1_700_001_000.0))
+        row_builds = built_from_rows(c)
+        served = served_columns(c) if item_tower == "linear" else None
         d1 = pub.publish("delta")
         assert d1.kind == "delta" and d1.parent == full.version
         check(c, pub, fs, d1.version, 44, histories)
+        if item_tower == "linear":  # else this would prove nothing about the row-by-row path
+            assert built_from_rows(c) > row_builds, "the delta was not applied row by row"
+            # exactly the rows whose ID row the delta changed (the 4 appended ones among them,
+            # where learned) moved in the served columns; nothing else did
+            new_table = pub.learner.state_tensors()["id_emb"]
+            was = torch.zeros_like(new_table)
+            was[: len(old_table)] = old_table
+            want = (new_table != was).any(dim=1).nonzero().flatten()
+            moved = (served_columns(c) != served).any(dim=1).nonzero().flatten()
+            assert 0 < len(want) < len(new_table) and torch.equal(moved, want)
 
         # A further delta that learns more and appends items it has not learned (zero ID rows:
         # served from their text alone, by the learner and the server alike). This time the
@@ -198,6 +228,16 @@ def test_served_ranking_equals_the_learners(redis_url: str, api_redis_url: str, 
         assert d2.kind == "delta" and d2.parent == d1.version
         histories += [["new4", "i7"]]
         check(c, pub, fs, d2.version, 47, histories)
+
+        # The periodic full snapshot: on the served item order, so still built row by row
+        # (the rows its ID table changed), and still the learner's.
+        learn(pub, fs, make_events(items + late1, users=len(USERS), n=80, seed=5,
+                                   t0=1_700_002_500.0))
+        row_builds = built_from_rows(c)
+        snap = pub.publish("full")
+        check(c, pub, fs, snap.version, 47, histories)
+        if item_tower == "linear":
+            assert built_from_rows(c) > row_builds, "a full snapshot on the lineage was rebuilt"
 
     # More deltas while no server runs; a fresh server must reach the same state from the chain.
     learn(pub, fs, make_events(items + late1 + late2, users=len(USERS), n=80, seed=3,

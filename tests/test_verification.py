@@ -191,3 +191,33 @@ def test_refusals_accumulate_and_recovery(served) -> None:  # noqa: ANN001
     nxt = pub.publish().version
     wait_until(lambda: c.get("/model").json()["version"] == nxt, 10, f"good version {nxt}")
     assert c.get("/recommend", params={"user_id": "u2"}).json()["model_version"] == nxt
+
+
+def test_a_linear_delta_with_a_non_finite_row_is_refused(redis_url: str, namespace: str,
+                                                         tiny_encoder_path: str,
+                                                         tiny_encoder) -> None:  # noqa: ANN001
+    """With the linear item tower a delta is checked only in the rows it changed (the rest were
+    checked in the version it is built on): a NaN there is still refused, as non_finite."""
+    r = redis.Redis.from_url(redis_url)
+    items = make_items(30)
+    events = make_events(items, users=5, n=80)
+    pub = Publisher(r, namespace, tiny_encoder_path, tiny_encoder, items, events,
+                    item_tower="linear")
+    seed_features(r, namespace, items, events)
+    good = pub.publish().version
+    with client_for(settings(redis_url, namespace, tiny_encoder_path)) as c:
+        wait_until(lambda: c.get("/model").json()["version"] == good, 10, "the good version")
+        before = metric_value(c.get("/metrics").text, FAILURES, {"reason": "non_finite"})
+        t = pub.learner.state_tensors()
+        t["id_emb"] = t["id_emb"].clone()
+        t["id_emb"][7, 3] = float("nan")
+        bad = pub.publish("delta", tensors=t)
+        assert bad.kind == "delta"
+        refused = wait_until(lambda: c.get("/model").json()["refused_versions"].get(
+            str(bad.version)), 10, f"version {bad.version} to be refused")
+        assert refused == "non_finite"
+        assert c.get("/model").json()["version"] == good
+        text = c.get("/metrics").text
+        assert metric_value(text, FAILURES, {"reason": "non_finite"}) == before + 1
+        body = c.get("/recommend", params={"user_id": "u1"}).json()
+        assert body["model_version"] == good and len(body["items"]) == 10
