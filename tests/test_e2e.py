@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 
 N_ITEMS = 40
 X, Y = "7", "3"  # the burst: users click X right after Y
+BURST_USERS = 480
 
 
 def rank_of(client, item: str, history: list[str]) -> tuple[int, int]:  # noqa: ANN001
@@ -50,18 +51,21 @@ def test_stream_trains_publishes_swaps_and_moves_ranking(stack_env, spawn, monke
         wait_for(lambda: client.get("/recommend", params={"user_id": "bg1"}).json()
                  ["model_version"] > 0, 90, "a first served version")
         before, v1 = rank_of(client, X, [Y])
+        # Small micro-batches learn at lr x n/256 (the same per event at any rate), so the burst
+        # must carry as many events as a few full steps, not a few full-lr steps on 30 events
         burst = []
-        for n in range(120):
+        for n in range(BURST_USERS):
             burst += [{"user_id": f"burst{n}", "item_id": Y, "ts": ts + 1000 + n},
                       {"user_id": f"burst{n}", "item_id": X, "ts": ts + 1000 + n + 0.5}]
-        burst.append({"user_id": "probe", "item_id": Y, "ts": ts + 2000})
-        for wave in range(0, len(burst), 30):  # a stream, not one batch: several AdamW steps
-            produce(env, "FRESHREC_TOPIC_INTERACTIONS", burst[wave:wave + 30], "user_id")
+        burst.append({"user_id": "probe", "item_id": Y, "ts": ts + 5000})
+        for wave in range(0, len(burst), 120):  # a stream, not one batch: several AdamW steps
+            produce(env, "FRESHREC_TOPIC_INTERACTIONS", burst[wave:wave + 120], "user_id")
             time.sleep(0.3)
 
         def trained_all() -> bool:
             model = client.get("/model").json()
-            return sum(model["trained_through"].get("offsets", {}).values()) >= 300 + 241
+            return sum(model["trained_through"].get("offsets", {}).values()) >= \
+                300 + 2 * BURST_USERS + 1
         wait_for(trained_all, 60, "a served version trained through every event")
         after, v2 = rank_of(client, X, [Y])
         assert v2 > v1, "model_version must increase as new versions are served"
