@@ -22,7 +22,7 @@ from protocol.errors import Unavailable
 from protocol.features import FeatureStore
 from protocol.weights import WeightStore
 from service import metrics
-from service.deps import UserCache
+from service.deps import RecentEvents, UserCache
 from service.holder import ModelHolder
 from service.routes import error_body, router
 from service.settings import ServiceSettings
@@ -209,6 +209,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.features = features
     app.state.holder = holder
     app.state.user_cache = UserCache(settings.user_cache_size)
+    app.state.recent = RecentEvents(settings.recent_events_s)
     app.state.producer = LazyProducer(settings.kafka_bootstrap)
     try:
         holder.refresh()  # serve the newest version from the first request, if Redis is up

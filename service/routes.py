@@ -17,7 +17,15 @@ from model.events import Interaction, Item
 from protocol.errors import Unavailable
 from protocol.topics import encode_interaction, encode_item
 from service import metrics
-from service.deps import Authorized, FeaturesDep, HolderDep, ProducerDep, SettingsDep, UserCacheDep
+from service.deps import (
+    Authorized,
+    FeaturesDep,
+    HolderDep,
+    ProducerDep,
+    RecentDep,
+    SettingsDep,
+    UserCacheDep,
+)
 from service.holder import Snapshot
 from service.schemas import Accepted, EventIn, ItemIn, ModelOut, RecommendIn, RecommendOut, Scored
 
@@ -72,7 +80,7 @@ def _unseen_top(top: Callable[[int], list[tuple[str, float]]], k: int,
 
 
 @router.get("/recommend", response_model=RecommendOut)
-def recommend(holder: HolderDep, features: FeaturesDep, cache: UserCacheDep,
+def recommend(holder: HolderDep, features: FeaturesDep, cache: UserCacheDep, recent: RecentDep,
               user_id: Annotated[str, Query(min_length=1, max_length=256)],
               k: Annotated[int, Query(ge=1, le=100)] = 10,
               exclude_seen: bool = True) -> RecommendOut:
@@ -85,6 +93,7 @@ def recommend(holder: HolderDep, features: FeaturesDep, cache: UserCacheDep,
     except redis.exceptions.RedisError:
         view = cache.get(user_id)
         stale = True
+    view = recent.merge(user_id, view, time.monotonic())  # accepted, maybe not applied yet
     check = (_seen_checker(features, user_id) if exclude_seen and not view.complete and not stale
              else None)
     return _rank(snap, features, view.history, view.seen if exclude_seen else set(), k, user_id,
@@ -135,7 +144,7 @@ def _as_batch(body: object, what: str) -> list:
 
 @router.post("/events", status_code=202, response_model=Accepted, dependencies=[Authorized])
 def post_events(body: EventIn | list[EventIn], settings: SettingsDep,
-                producer: ProducerDep) -> Accepted:
+                producer: ProducerDep, recent: RecentDep) -> Accepted:
     """One event or a list (at most 1,000) to the interactions topic, keyed by user id."""
     events = _as_batch(body, "events")
     records = []
@@ -144,6 +153,9 @@ def post_events(body: EventIn | list[EventIn], settings: SettingsDep,
         records.append((e.user_id.encode(), encode_interaction(
             Interaction(e.user_id, e.item_id, e.ts, e.event), extra)))
     _send(producer, settings.topic_interactions, records)
+    now = time.monotonic()
+    for e in events:
+        recent.add(e.user_id, e.item_id, now)
     return Accepted(accepted=len(records), topic=settings.topic_interactions)
 
 

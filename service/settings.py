@@ -15,5 +15,8 @@ class ServiceSettings(CommonSettings):
     poll_interval_s: float = 0.5  # how often the pointer and the catalog log are polled
     max_body_bytes: int = 1_000_000  # larger request bodies get 413
     user_cache_size: int = 100_000  # last known histories, served while Redis is down
+    # events this replica accepted are merged into the user's history for this long (until the
+    # features consumer has applied them): read-your-writes; 0 turns it off
+    recent_events_s: float = 2.0
     loader_stuck_s: float = 120.0  # /healthz fails once one model refresh runs this long
     torch_threads: int = 1  # per-request matmuls are small; one thread keeps latency flat
