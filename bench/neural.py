@@ -245,8 +245,8 @@ def neural_factories(base: ModelConfig | None = None) -> dict[str, Any]:
     return {
         "incremental": make("incremental"),
         "incremental-no-replay": make("incremental-no-replay", replay=False),
-        "incremental-no-anchor": make("incremental-no-anchor", anchor="none"),
-        "incremental-no-adaptive-lr": make("incremental-no-adaptive-lr", adaptive_lr=False),
+        "incremental-anchor": make("incremental-anchor", anchor="l2sp"),
+        "incremental-adaptive-lr": make("incremental-adaptive-lr", adaptive_lr=True),
         "incremental-id-only": make("incremental-id-only", text=False, id_embedding=True),
         "retrain": lambda catalog, qcfg: Retrain(replace(base, seed=qcfg.seed),
                                                  passes=max(1, qcfg.warmup_passes)),

@@ -186,8 +186,8 @@ register("river_mf", lambda catalog, cfg: RiverMF(seed=cfg.seed))
 NEURAL_METHODS = (
     "incremental",
     "incremental-no-replay",
-    "incremental-no-anchor",
-    "incremental-no-adaptive-lr",
+    "incremental-anchor",  # the L2-SP anchor on (off by default)
+    "incremental-adaptive-lr",  # the adaptive lr on (off by default)
     "incremental-id-only",
     "retrain",
 )
