@@ -20,18 +20,16 @@ from model.config import ModelConfig
 from model.encoder import TextEncoder
 from model.events import Item
 from model.scorer import Scorer
-from model.serialization import ID_TABLE, WeightsError, check_tensors, from_bytes
+from model.serialization import ID_TABLE, WeightsError, check_tensors
 from model.towers import TwoTower
 from protocol.errors import VerificationError
 from protocol.features import FeatureStore, share_text_features
 from protocol.weights import LoadedVersion, WeightStore
-from protocol.weights import _parent_matches as parent_matches  # the store's own chain rule
 from service import metrics
 from service.linear import LinearCatalog
 
 log = logging.getLogger("freshrec.service")
 RETRY_MAX_S = 300.0  # a version that failed to build is tried again after 1, 2, 4 ... this many s
-MAX_DELTA_WALK = 20  # deltas read back to find the rows changed since the served version
 
 
 @dataclass(frozen=True)
@@ -203,25 +201,8 @@ class ModelHolder:
         if have is None or loaded is have or loaded.manifest.config != have.manifest.config \
                 or loaded.manifest.config.get("item_tower") != "linear":
             return None
-        rows = self._delta_rows(loaded, have)
+        rows = loaded.changed_rows  # the store reports what its deltas changed
         return rows if rows is not None else _table_diff(loaded, have)
-
-    def _delta_rows(self, loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | None:
-        """The rows, when the store reached `loaded` from `have` by deltas alone: read back
-        from those deltas' blobs (small, immutable, hash-checked), as the store's `load` does
-        not report them. O(rows changed)."""
-        parts, m = [], loaded.manifest
-        try:
-            for _ in range(MAX_DELTA_WALK):
-                if m.kind != "delta" or m.parent is None:
-                    return None
-                parts.append(from_bytes(self.weights.blob(m))[0]["id_emb.rows"])
-                if m.parent == have.manifest.version and parent_matches(m, have.manifest):
-                    return torch.cat(parts).to(torch.long)
-                m = self.weights.manifest(m.parent)
-        except (VerificationError, WeightsError, KeyError):
-            pass  # pruned or unreadable since `load` read it: the version itself is fine
-        return None
 
     def _build_failed(self, target: int, sig: str | None, exc: Exception, serving: int) -> None:
         """Count a failed build and set when to try it again (1, 2, 4 ... RETRY_MAX_S s), so a
