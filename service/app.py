@@ -205,7 +205,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     features = FeatureStore(client, settings.namespace)
     weights = WeightStore(client, settings.require_hmac_key(), settings.namespace)
     holder = ModelHolder(weights, features, TextEncoder(settings.encoder_path),
-                         settings.poll_interval_s)
+                         settings.poll_interval_s, item_dtype=settings.item_dtype)
     app.state.features = features
     app.state.holder = holder
     app.state.user_cache = UserCache(settings.user_cache_size)

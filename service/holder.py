@@ -46,8 +46,9 @@ class ModelHolder:
     """Owns the current Snapshot and the thread that replaces it."""
 
     def __init__(self, weights: WeightStore, features: FeatureStore, encoder: TextEncoder,
-                 poll_interval_s: float = 0.5) -> None:
+                 poll_interval_s: float = 0.5, item_dtype: str = "fp32") -> None:
         self.weights = weights
+        self.item_dtype = item_dtype  # how Scorers store the item matrix (model/quant.py)
         self.features = features
         self.encoder = encoder
         self.poll_interval_s = poll_interval_s
@@ -63,7 +64,8 @@ class ModelHolder:
         self._last_swap = 0.0
         self._catalog: dict[str, Item] = {}
         self._text: dict[str, np.ndarray] = {}
-        self._linear = LinearCatalog(self._text)  # item_tower="linear": projections, vocabulary
+        # item_tower="linear": projections, vocabulary
+        self._linear = LinearCatalog(self._text, item_dtype)
         self._catalog_copy: dict[str, Item] | None = None  # what snapshots share until it changes
         self._unshared: set[str] = set()  # items whose features this server encoded itself
         self._cursor = 0
@@ -305,7 +307,8 @@ class ModelHolder:
             return self._linear.full(net, loaded.item_ids, table, self._catalog)
         net.load_state_dict(loaded.tensors)
         net.eval()
-        self._linear = LinearCatalog(self._text)  # unused by `mlp`: keep nothing growing in it
+        # unused by `mlp`: keep nothing growing in it
+        self._linear = LinearCatalog(self._text, self.item_dtype)
         known = set(loaded.item_ids)
         ids = list(loaded.item_ids) + [i for i in self._catalog if i not in known]
         zero = np.zeros(self.encoder.dim, dtype=np.float32)
@@ -313,7 +316,7 @@ class ModelHolder:
                                 if ids else np.zeros((0, self.encoder.dim), np.float32))
         assert table.shape[0] == len(loaded.item_ids)
         metrics.BUILDS.labels("full").inc()
-        return Scorer(net, text, ids)
+        return Scorer(net, text, ids, dtype=self.item_dtype)
 
 
 def _table_diff(loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | None:
