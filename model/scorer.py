@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -154,7 +155,13 @@ class Scorer:
     Being immutable is what makes hot swaps atomic: a request takes one Scorer reference and is
     served wholly by it, whatever the server swaps in meanwhile. With a linear item tower the
     next version's Scorer is `updated` from this one at the cost of the rows it changed.
+
+    `ann`, when a server sets it (service/ann.py), proposes candidates for `rank_batch`; they
+    are scored exactly with this Scorer's columns and excluded items are removed exactly.
     """
+
+    ann: Any = None  # an object with `candidates(scorer, users, want)`, or None: exact
+    changed: torch.Tensor | None = None  # rows rewritten since the Scorer it was `updated` from
 
     def __init__(self, net: TwoTower, text: torch.Tensor, item_ids: Sequence[str] | ItemNames,
                  base: torch.Tensor | None = None, ids: torch.Tensor | None = None,
@@ -218,6 +225,7 @@ class Scorer:
             else:
                 out._store, buf = self._store, self._buf
             out._adopt(out._store.next(buf, n_old, n, rows.to(buf.data.device), vals))
+        out.changed = rows
         return out
 
     def _queries(self, users: torch.Tensor) -> torch.Tensor:
@@ -283,19 +291,33 @@ class Scorer:
         if not histories or not len(self):
             return [[] for _ in histories]
         users = self.user_vectors(histories)  # (B, d)
-        scores = self.scores(users)  # (B, N)
-        for row, ex in enumerate(exclude):
-            cols = [j for j in map(self.names.position, ex) if j is not None]
-            if cols:
-                scores[row, cols] = float("-inf")
-        k = min(k, scores.shape[1])
-        top = scores.topk(k, dim=1)
-        out = []
+        excluded = [[j for j in map(self.names.position, ex) if j is not None]
+                    for ex in exclude]
         name = self.names.name
-        for vals, ids in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            out.append([(name(j), float(v)) for v, j in zip(vals, ids, strict=True)
-                        if v != float("-inf")])
-        return out
+        temp = self.net.cfg.temperature
+        out: list[list[tuple[str, float]] | None] = [None] * len(histories)
+        if self.ann is not None:  # candidates, scored exactly; exclusion exact; else fall back
+            most = max((len(ex) for ex in excluded), default=0)
+            for row, (cand, vals) in enumerate(self.ann.candidates(self, users, k + most)):
+                drop = set(excluded[row]) if row < len(excluded) else set()
+                kept = [(name(j), v / temp) for j, v in zip(cand, vals, strict=True)
+                        if j not in drop][:k]
+                if len(kept) >= min(k, len(self) - len(drop)):
+                    out[row] = kept
+                else:
+                    self.ann.fallbacks += 1
+        todo = [row for row, got in enumerate(out) if got is None]
+        if todo:
+            scores = self.scores(users[todo])  # (b, N)
+            for i, row in enumerate(todo):
+                if row < len(excluded) and excluded[row]:
+                    scores[i, excluded[row]] = float("-inf")
+            top = scores.topk(min(k, scores.shape[1]), dim=1)
+            for row, vals, ids in zip(todo, top.values.tolist(), top.indices.tolist(),
+                                      strict=True):
+                out[row] = [(name(j), float(v)) for v, j in zip(vals, ids, strict=True)
+                            if v != float("-inf")]
+        return [got or [] for got in out]
 
 
 def linear_columns(ids: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:

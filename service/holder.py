@@ -10,7 +10,9 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
@@ -33,6 +35,15 @@ RETRY_MAX_S = 300.0  # a version that failed to build is tried again after 1, 2,
 
 
 @dataclass(frozen=True)
+class AnnSettings:
+    """When to serve top-k candidates from an ANN index (service/ann.py)."""
+
+    min_items: int = 0  # catalog size from which it is used; 0 = never
+    nprobe: int = 0  # 0 = tuned when the index is built
+    recall: float = 0.97  # what tuning aims for (recall@10 against exact, sampled histories)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What one request is served by."""
 
@@ -46,9 +57,13 @@ class ModelHolder:
     """Owns the current Snapshot and the thread that replaces it."""
 
     def __init__(self, weights: WeightStore, features: FeatureStore, encoder: TextEncoder,
-                 poll_interval_s: float = 0.5, item_dtype: str = "fp32") -> None:
+                 poll_interval_s: float = 0.5, item_dtype: str = "fp32",
+                 ann: AnnSettings | None = None) -> None:
         self.weights = weights
         self.item_dtype = item_dtype  # how Scorers store the item matrix (model/quant.py)
+        self.ann_settings = ann or AnnSettings()
+        self.ann: Any = None  # the AnnIndex following the served lineage, once built
+        self._ann_follows: weakref.ref | None = None  # the Scorer the index was last written to
         self.features = features
         self.encoder = encoder
         self.poll_interval_s = poll_interval_s
@@ -164,7 +179,7 @@ class ModelHolder:
             t0 = time.monotonic()
             try:
                 loaded = self.weights.load(target, have=have)
-                scorer = self._build(loaded, self._changed_rows(loaded, have))
+                scorer = self._with_ann(self._build(loaded, self._changed_rows(loaded, have)))
             except (VerificationError, ValueError) as exc:  # WeightsError is a ValueError
                 reason = getattr(exc, "reason", None) or (
                     "bad_shape" if isinstance(exc, WeightsError) else "bad_manifest")
@@ -185,7 +200,8 @@ class ModelHolder:
             self._swap(Snapshot(target, loaded, scorer, self._catalog_view()))
         elif catalog_changed and cur.loaded is not None:
             unchanged = torch.zeros(0, dtype=torch.long)  # same weights: only the catalog moved
-            self.current = Snapshot(cur.version, cur.loaded, self._build(cur.loaded, unchanged),
+            self.current = Snapshot(cur.version, cur.loaded,
+                                    self._with_ann(self._build(cur.loaded, unchanged)),
                                     self._catalog_view())
         elif catalog_changed:
             self.current = Snapshot(0, None, None, self._catalog_view())
@@ -205,6 +221,41 @@ class ModelHolder:
             return None
         rows = loaded.changed_rows  # the store reports what its deltas changed
         return rows if rows is not None else _table_diff(loaded, have)
+
+    def _with_ann(self, scorer: Scorer) -> Scorer:
+        """Attach the ANN index to a linear Scorer over a large enough catalog: its changed
+        rows written in place when it was built from the Scorer the index follows, else the
+        index built (and tuned) from it in full. Exact serving when faiss is missing."""
+        want = self.ann_settings
+        if not want.min_items or not scorer.linear or len(scorer) < want.min_items:
+            return scorer
+        from service import ann
+
+        if not ann.available():
+            if self.ann is None:
+                log.warning("FRESHREC_ANN_MIN_ITEMS is set but faiss is not installed "
+                            "(pip install freshrec[ann]); serving exact top-k")
+                self.ann = False
+            return scorer
+        if self.ann and scorer.changed is not None and self._ann_follows is not None \
+                and self._ann_follows() is self.current.scorer:
+            self.ann.update(scorer, scorer.changed)
+        else:
+            t0 = time.monotonic()
+            index = ann.AnnIndex(nprobe=want.nprobe, target_recall=want.recall)
+            index.build(scorer)
+            if not want.nprobe:
+                rng = np.random.default_rng(0)
+                picks = rng.integers(0, len(scorer), size=(200, 3)).tolist()
+                users = scorer.user_vectors([[scorer.names.name(j) for j in p] for p in picks])
+                index.tune(scorer, users)
+            self.ann = index
+            log.info("ANN index over %s items built in %.1f s (nlist %s, nprobe %s, recall@10 "
+                     "%.3f on sampled histories)", len(scorer), time.monotonic() - t0,
+                     index.nlist, index.nprobe, index.recall or float("nan"))
+        self._ann_follows = weakref.ref(scorer)
+        scorer.ann = self.ann
+        return scorer
 
     def _build_failed(self, target: int, sig: str | None, exc: Exception, serving: int) -> None:
         """Count a failed build and set when to try it again (1, 2, 4 ... RETRY_MAX_S s), so a
