@@ -275,6 +275,7 @@ class ModelHolder:
         metrics.VERSION.set(snap.version)
         now = time.time()
         assert snap.loaded is not None
+        metrics.SWAP_DELAY.observe(max(0.0, now - snap.loaded.manifest.created_at))
         for ts in snap.loaded.manifest.trained_through.get("produced_ts", []):
             metrics.FRESHNESS.observe(max(0.0, now - float(ts)))
         log.info("serving version %s", snap.version)
