@@ -338,7 +338,8 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         swap = delta("freshrec_swap_delay_seconds_bucket")
         # closed loop, trainer idle (its backlog drained first)
         tm = f"http://127.0.0.1:{tport}/metrics"
-        while True:
+        drain0 = time.monotonic()
+        while time.monotonic() - drain0 < args.drain_s:  # a starved trainer may never catch up
             e = _metrics(tm)["freshrec_trainer_events_total"]
             time.sleep(2)
             if _metrics(tm)["freshrec_trainer_events_total"] == e:
@@ -400,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["fp32", "fp16", "int8"])
     ap.add_argument("--ann-min-items", type=int, default=0, help="0: exact top-k")
     ap.add_argument("--ready-s", type=float, default=1200)
+    ap.add_argument("--drain-s", type=float, default=60,
+                    help="at most this long waiting for the trainer's backlog before max rps")
     ap.add_argument("--redis", default=os.environ.get("FRESHREC_REDIS_URL",
                                                       "redis://127.0.0.1:6379/0"))
     args = ap.parse_args(argv)
@@ -463,9 +466,9 @@ def report(runs: list[dict], out: Path, args: argparse.Namespace) -> None:
                  ">= 1.0x floor"),
                 ("API RSS (MB)", f"{run['api_rss_mb']:.0f}", f"{run['floor_rss_mb']:.0f}", "-")]
         print(f"\n{run['items']:,} items ({run['retrieval']}, {run['dtype']})")
-        print(f"{'what':<42}{'freshrec':>16}{'floor':>16}   goal")
+        print(f"{'what':<42}{'freshrec':>20}{'floor':>20}   goal")
         for what, got, floor, goal in rows:
-            print(f"{what:<42}{got:>16}{floor:>16}   {goal}")
+            print(f"{what:<42}{got:>20}{floor:>20}   {goal}")
 
 
 def plot(runs: list[tuple[dict, list]], out: Path) -> None:

@@ -123,7 +123,7 @@ class AnnIndex:
         q = _queries(scorer, users)
         with self.lock:
             _, idx = self.index.search(q, want + self.overfetch)
-        out = []
+        out: list[tuple[list[int], list[float]]] = []
         n = len(scorer)
         for row in range(len(idx)):
             cand = idx[row][(idx[row] >= 0) & (idx[row] < n)]
