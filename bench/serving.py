@@ -338,25 +338,41 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         swap = delta("freshrec_swap_delay_seconds_bucket")
         # closed loop, trainer idle (its backlog drained first)
         tm = f"http://127.0.0.1:{tport}/metrics"
+
+        def trained() -> float | None:  # None once the trainer has exited
+            try:
+                return _metrics(tm)["freshrec_trainer_events_total"]
+            except (httpx.HTTPError, KeyError):
+                return None
+
         drain0 = time.monotonic()
         while time.monotonic() - drain0 < args.drain_s:  # a starved trainer may never catch up
-            e = _metrics(tm)["freshrec_trainer_events_total"]
+            e = trained()
             time.sleep(2)
-            if _metrics(tm)["freshrec_trainer_events_total"] == e:
+            if e is None or trained() == e:
                 break
         closed = closed_loop(base, args.closed_seconds, args.connections, logs)
         # intake: as fast as possible, timed through the trainer's own counter
-        e0 = _metrics(tm)["freshrec_trainer_events_total"]
-        burst = Producer(env["FRESHREC_KAFKA_BOOTSTRAP"], "freshrec.interactions", n, 0,
-                         args.burst)
-        b0 = time.monotonic()
-        burst.start()
-        while _metrics(tm)["freshrec_trainer_events_total"] - e0 < args.burst:
-            if time.monotonic() - b0 > 300:
-                break
-            time.sleep(0.2)
-        done = _metrics(tm)["freshrec_trainer_events_total"] - e0
-        intake = done / (time.monotonic() - b0)
+        intake = float("nan")
+        e0 = trained()
+        if e0 is not None:
+            burst = Producer(env["FRESHREC_KAFKA_BOOTSTRAP"], "freshrec.interactions", n, 0,
+                             args.burst)
+            b0 = time.monotonic()
+            burst.start()
+            done = 0.0
+            while time.monotonic() - b0 < 300:
+                now = trained()
+                if now is None:
+                    break
+                done = now - e0
+                if done >= args.burst:
+                    break
+                time.sleep(0.2)
+            intake = done / (time.monotonic() - b0)
+        trainer_exit = procs[2].poll()
+        if trainer_exit is not None:
+            print(f"the trainer exited ({trainer_exit}) during the run; see its log", flush=True)
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -382,6 +398,7 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
                         "p99": q(swap, "freshrec_swap_delay_seconds", 0.99, 1e3)},
             "trainer_events_per_s": intake, "max_rps": closed["rps"],
             "closed_errors": closed["errors"], "api_rss_mb": rss, "ready_s": ready_s,
+            "trainer_exit": trainer_exit,
             "timeline": [(r[0] - results[0][0], r[1], r[3]) for r in results[::5]]}
 
 
