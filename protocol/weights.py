@@ -231,7 +231,8 @@ class WeightStore:
         """"{token}:{owner}" of the current lease, if any."""
         return _text(self.r.get(self.lease_key))
 
-    def _fenced(self, lease: Lease | None, writes: Callable[[Any], object]) -> bool:
+    def _fenced(self, lease: Lease | None, writes: Callable[[Any], object],
+                tries: int = 3) -> bool:
         """Queue `writes` in one MULTI/EXEC that runs only if `lease` is the current lease (and
         renews it), or, without a lease, if no publisher holds one. False, with nothing
         written, otherwise. A lease that lapsed is taken up again while nobody took a newer
@@ -259,8 +260,9 @@ class WeightStore:
                         pipe.set(self.lease_seq, lease.token)  # Redis lost it: never again
                 writes(pipe)
                 pipe.execute()
-            except redis.WatchError:  # the lease changed hands between the check and EXEC
-                return False
+            except redis.WatchError:  # the lease key changed between the check and EXEC: look
+                # again (it may only have expired: a stalled holder's lapse, nobody else's)
+                return tries > 1 and self._fenced(lease, writes, tries - 1)
         return True
 
     # ------------------------------------------------------------------ writing
