@@ -1,6 +1,14 @@
-"""Serving budgets of shared/DESIGN.md, measured on a private stack on this machine.
+"""Serving budgets of shared/DESIGN.md and issue 8, measured on a private stack on this machine.
 
-    python -m bench.serving --out bench/out            # defaults below; ~3 minutes
+    freshrec bench serving --items 100000 --items 1000000 --out bench/out [--quick]
+    python -m bench.serving ...                          # the same
+
+For each `--items N`, side by side in one run: (1) the floor, a bare FastAPI process doing only
+exact top-10 over an N x d matrix of the same width (bench/floor.py), under the same load; (2)
+freshrec with the trainer at `--rate` events/s and `--qps` open-loop GET /recommend/s; (3)
+freshrec's closed-loop max throughput with the trainer idle, same client and concurrency as
+the floor's (`wrk` when installed, else a Python client). Writes DIR/serving.json (one entry
+per N, each figure beside the floor's), DIR/serving.png, and prints a table.
 
 Starts its own Tansu broker, the features consumer, the trainer (real MiniLM, `head` policy)
 and the API (uvicorn, one process), in a fresh Redis namespace of the local Redis. The catalog
@@ -11,7 +19,7 @@ latency of ranking does not depend on the values). Then, at the same time for `-
 - a producer sends `--rate` interactions/s (Zipf-popular items, 10k users) to Kafka;
 - a load generator sends `--qps` GET /recommend/s open-loop (fixed schedule, 16 threads).
 
-Reported: freshness p50/p99 (the API's `freshrec_freshness_seconds` histogram: produce time ->
+Per N, reported: freshness p50/p99 (the API's `freshrec_freshness_seconds` histogram: produce time ->
 serving a version trained on it), client-side /recommend latency p50/p99 over HTTP, failed
 requests, hot swaps during the run, and the trainer's intake (a second phase produces
 `--burst` events as fast as possible and times the trainer through them).
@@ -152,20 +160,116 @@ def load(base: str, qps: float, seconds: float, results: list) -> None:  # noqa:
                 time.sleep(0.2)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="bench/out")
-    ap.add_argument("--items", type=int, default=100_000)
-    ap.add_argument("--rate", type=float, default=500)
-    ap.add_argument("--qps", type=float, default=200)
-    ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--burst", type=int, default=40_000)
-    ap.add_argument("--redis", default=os.environ.get("FRESHREC_REDIS_URL",
-                                                      "redis://127.0.0.1:6379/0"))
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+LUA = """request = function()
+  return wrk.format("GET", "/recommend?k=10&user_id=u" .. math.random(0, 9999))
+end
+"""
 
+
+def closed_loop(base: str, seconds: float, connections: int, out: Path) -> dict[str, float]:
+    """Max throughput: `connections` clients back to back for `seconds` (wrk when installed:
+    its C client costs the server's two cores little; else Python threads)."""
+    import shutil
+
+    if shutil.which("wrk"):
+        script = out / "recommend.lua"
+        script.write_text(LUA)
+        res = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s",
+                              "--latency", "-s", str(script), base], capture_output=True,
+                             text=True, timeout=seconds + 60)
+        text = res.stdout
+        rps = float(text.split("Requests/sec:")[1].split()[0])
+        errors = 0
+        for line in text.splitlines():
+            if "Non-2xx" in line or "Socket errors" in line:
+                errors += sum(int(x.strip(",")) for x in line.split() if x.strip(",").isdigit())
+        return {"rps": rps, "errors": float(errors), "client": 0.0}
+    import httpx
+
+    stop, count, errs = time.monotonic() + seconds, [0], [0]
+
+    def worker() -> None:
+        rng = random.Random()
+        with httpx.Client(base_url=base, timeout=10) as c:
+            while time.monotonic() < stop:
+                r = c.get("/recommend", params={"user_id": f"u{rng.randrange(10_000)}", "k": 10})
+                count[0] += 1
+                errs[0] += r.status_code != 200
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"rps": count[0] / seconds, "errors": float(errs[0]), "client": 1.0}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_http(url: str, seconds: float) -> None:
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not answer within {seconds:.0f} s")
+
+
+def latency(results: list) -> dict[str, float]:
+    lat = np.array([r[1] for r in results]) if results else np.array([float("nan")])
+    return {"p50": float(np.percentile(lat, 50) * 1e3), "p99": float(np.percentile(lat, 99) * 1e3),
+            "requests": len(results), "failed": sum(1 for r in results if r[2] != 200)}
+
+
+def dtype_recall(n: int, width: int, dtype: str, queries: int = 100) -> float:
+    """recall@10 of top-10 over the matrix stored as `dtype` against fp32 exact (random rows,
+    like the benchmark's catalog)."""
+    import torch
+
+    from model import quant
+
+    if dtype == "fp32":
+        return 1.0
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, width, generator=gen)
+    q = torch.randn(queries, width, generator=gen)
+    want = (q @ x.T).topk(10).indices
+    got = quant.scores(q, quant.encode(x, dtype), dtype).topk(10).indices
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(want, got, strict=True))
+    return hits / (10 * queries)
+
+
+def run_floor(n: int, width: int, args: argparse.Namespace, logs: Path) -> dict:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLOOR_ITEMS": str(n), "FLOOR_DIM": str(width),
+           "FRESHREC_TORCH_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.floor:app", "--port",
+                             str(port), "--log-level", "warning"], env=env, cwd=ROOT,
+                            stdout=(logs / f"floor-{n}.log").open("wb"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/healthz", 300)
+        results: list = []
+        load(base, args.qps, args.seconds, results)
+        closed = closed_loop(base, args.closed_seconds, args.connections, logs)
+        return {"recommend_ms": latency(results), "max_rps": closed["rps"],
+                "closed_errors": closed["errors"], "rss_mb": rss_mb(proc.pid)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
     from freshrec.services import start_tansu
 
     ns = f"bench-{uuid.uuid4().hex[:8]}"
@@ -174,69 +278,101 @@ def main(argv: list[str] | None = None) -> int:
            "FRESHREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{kport}", "FRESHREC_REDIS_URL": args.redis,
            "FRESHREC_HMAC_KEY": uuid.uuid4().hex, "FRESHREC_TRAINER_METRICS_PORT": str(tport),
            "FRESHREC_FEATURES_METRICS_PORT": "0", "FRESHREC_DEVICE": "cpu",
+           "FRESHREC_ITEM_TOWER": args.item_tower, "FRESHREC_ITEM_DTYPE": args.dtype,
+           "FRESHREC_ANN_MIN_ITEMS": str(args.ann_min_items),
            # two cores: one for the trainer's torch, one for the API (it uses one thread)
            "FRESHREC_TORCH_THREADS": os.environ.get("FRESHREC_TORCH_THREADS", "1")}
-    logs = out / "serving-logs"
-    logs.mkdir(exist_ok=True)
     procs = [start_tansu(kport, logs / "tansu.log")]
     from protocol.topics import ensure_topics
 
     ensure_topics(env["FRESHREC_KAFKA_BOOTSTRAP"], ["freshrec.interactions", "freshrec.items",
                                                     "freshrec.dlq"], 4)
     t0 = time.monotonic()
-    print(f"seeding {args.items:,} items ...", flush=True)
-    seed_catalog(args.redis, ns, args.items)
+    print(f"seeding {n:,} items ...", flush=True)
+    seed_catalog(args.redis, ns, n)
+    api = None
     for name, argv_ in [("features", ["-m", "consumers.features"]),
                         ("trainer", ["-m", "consumers.trainer"]),
                         ("api", ["-m", "uvicorn", "service.app:app", "--port", str(aport),
                                  "--log-level", "warning"])]:
-        procs.append(subprocess.Popen([sys.executable, *argv_], env=env, cwd=ROOT,
-                                      stdout=(logs / f"{name}.log").open("wb"),
-                                      stderr=subprocess.STDOUT))
+        proc = subprocess.Popen([sys.executable, *argv_], env=env, cwd=ROOT,
+                                stdout=(logs / f"{name}-{n}.log").open("wb"),
+                                stderr=subprocess.STDOUT)
+        procs.append(proc)
+        api = proc if name == "api" else api
+    assert api is not None
     base = f"http://127.0.0.1:{aport}"
     import httpx
 
     try:
-        warm = Producer(env["FRESHREC_KAFKA_BOOTSTRAP"], "freshrec.interactions", args.items,
+        warm = Producer(env["FRESHREC_KAFKA_BOOTSTRAP"], "freshrec.interactions", n,
                         args.rate, 10**9)
         warm.start()
         while True:  # until a version over the whole catalog is served
             try:
                 m = httpx.get(f"{base}/model", timeout=2).json()
-                if m["version"] > 0 and m["catalog_items"] >= args.items:
+                if m["version"] > 0 and m["catalog_items"] >= n:
                     break
             except httpx.HTTPError:
                 pass
-            if time.monotonic() - t0 > 600:
-                raise SystemExit("stack did not serve a version within 10 minutes; see logs")
+            if time.monotonic() - t0 > args.ready_s:
+                raise SystemExit("stack did not serve a version in time; see logs")
             time.sleep(1)
-        print(f"stack ready in {time.monotonic() - t0:.0f} s; measuring {args.seconds:.0f} s",
-              flush=True)
+        ready_s = time.monotonic() - t0
+        print(f"stack ready in {ready_s:.0f} s; measuring {args.seconds:.0f} s", flush=True)
+        time.sleep(min(10.0, args.seconds / 3))  # past the first builds
         before = _metrics(f"{base}/metrics")
         swaps0 = httpx.get(f"{base}/model").json()["swaps"]
         results: list = []
         load(base, args.qps, args.seconds, results)
         after = _metrics(f"{base}/metrics")
         swaps = httpx.get(f"{base}/model").json()["swaps"] - swaps0
+        rss = rss_mb(api.pid)
         warm.stop.set()
         warm.join()
-        fresh = {k: after[k] - before.get(k, 0.0) for k in after
-                 if k.startswith("freshrec_freshness_seconds_bucket")}
-        lat = np.array([r[1] for r in results])
-        failed = sum(1 for r in results if r[2] != 200)
-        # intake: as fast as possible, timed through the trainer's own counter
+
+        def delta(name: str) -> dict[str, float]:
+            return {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(name)}
+
+        fresh = delta("freshrec_freshness_seconds_bucket")
+        swap = delta("freshrec_swap_delay_seconds_bucket")
+        # closed loop, trainer idle (its backlog drained first)
         tm = f"http://127.0.0.1:{tport}/metrics"
-        e0 = _metrics(tm)["freshrec_trainer_events_total"]
-        burst = Producer(env["FRESHREC_KAFKA_BOOTSTRAP"], "freshrec.interactions", args.items,
-                         0, args.burst)
-        b0 = time.monotonic()
-        burst.start()
-        while _metrics(tm)["freshrec_trainer_events_total"] - e0 < args.burst:
-            if time.monotonic() - b0 > 300:
+
+        def trained() -> float | None:  # None once the trainer has exited
+            try:
+                return _metrics(tm)["freshrec_trainer_events_total"]
+            except (httpx.HTTPError, KeyError):
+                return None
+
+        drain0 = time.monotonic()
+        while time.monotonic() - drain0 < args.drain_s:  # a starved trainer may never catch up
+            e = trained()
+            time.sleep(2)
+            if e is None or trained() == e:
                 break
-            time.sleep(0.2)
-        done = _metrics(tm)["freshrec_trainer_events_total"] - e0
-        intake = done / (time.monotonic() - b0)
+        closed = closed_loop(base, args.closed_seconds, args.connections, logs)
+        # intake: as fast as possible, timed through the trainer's own counter
+        intake = float("nan")
+        e0 = trained()
+        if e0 is not None:
+            burst = Producer(env["FRESHREC_KAFKA_BOOTSTRAP"], "freshrec.interactions", n, 0,
+                             args.burst)
+            b0 = time.monotonic()
+            burst.start()
+            done = 0.0
+            while time.monotonic() - b0 < 300:
+                now = trained()
+                if now is None:
+                    break
+                done = now - e0
+                if done >= args.burst:
+                    break
+                time.sleep(0.2)
+            intake = done / (time.monotonic() - b0)
+        trainer_exit = procs[2].poll()
+        if trainer_exit is not None:
+            print(f"the trainer exited ({trainer_exit}) during the run; see its log", flush=True)
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -250,45 +386,135 @@ def main(argv: list[str] | None = None) -> int:
         r = redis.Redis.from_url(args.redis)
         for key in r.scan_iter(f"{ns}:*", count=1000):
             r.delete(key)
-    res = {
-        "config": vars(args),
-        "freshness_s": {"p50": histogram_quantile(0.5, fresh, "freshrec_freshness_seconds"),
-                        "p99": histogram_quantile(0.99, fresh, "freshrec_freshness_seconds"),
-                        "samples": max(fresh.values()) if fresh else 0},
-        "recommend_latency_ms": {"p50": float(np.percentile(lat, 50) * 1e3),
-                                 "p99": float(np.percentile(lat, 99) * 1e3),
-                                 "requests": len(results), "failed": failed},
-        "swaps_during_load": swaps,
-        "trainer_intake_events_per_s": intake,
-        "machine": f"{os.cpu_count()} CPUs, no GPU",
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    rows = [("freshness p50 / p99 (s)", f"{res['freshness_s']['p50']:.2f} / "
-             f"{res['freshness_s']['p99']:.2f}", "<= 1 / 2.4"),
-            ("/recommend p50 / p99 (ms)", f"{res['recommend_latency_ms']['p50']:.1f} / "
-             f"{res['recommend_latency_ms']['p99']:.1f}", "<= 5 / 25"),
-            ("failed requests / swaps", f"{failed} / {swaps}", "0"),
-            ("trainer intake (events/s)", f"{intake:,.0f}", ">= 2,000")]
-    print(f"\n{'what':<28}{'measured':>20}   budget")
-    for what, got, budget in rows:
-        print(f"{what:<28}{got:>20}   {budget}")
+
+    def q(hist: dict[str, float], name: str, quantile: float, scale: float = 1.0) -> float:
+        return histogram_quantile(quantile, hist, name) * scale
+
+    return {"freshness_s": {"p50": q(fresh, "freshrec_freshness_seconds", 0.5),
+                            "p99": q(fresh, "freshrec_freshness_seconds", 0.99),
+                            "samples": max(fresh.values()) if fresh else 0},
+            "recommend_ms": latency(results), "swaps": swaps,
+            "swap_ms": {"p50": q(swap, "freshrec_swap_delay_seconds", 0.5, 1e3),
+                        "p99": q(swap, "freshrec_swap_delay_seconds", 0.99, 1e3)},
+            "trainer_events_per_s": intake, "max_rps": closed["rps"],
+            "closed_errors": closed["errors"], "api_rss_mb": rss, "ready_s": ready_s,
+            "trainer_exit": trainer_exit,
+            "timeline": [(r[0] - results[0][0], r[1], r[3]) for r in results[::5]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--items", type=int, action="append", help="catalog size (repeatable)")
+    ap.add_argument("--quick", action="store_true", help="a short run (15 s phases)")
+    ap.add_argument("--rate", type=float, default=500)
+    ap.add_argument("--qps", type=float, default=200)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--closed-seconds", type=float, default=20)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--burst", type=int, default=40_000)
+    ap.add_argument("--item-tower", default="linear", choices=["linear", "mlp"])
+    ap.add_argument("--dtype", default=os.environ.get("FRESHREC_ITEM_DTYPE", "fp32"),
+                    choices=["fp32", "fp16", "int8"])
+    ap.add_argument("--ann-min-items", type=int, default=0, help="0: exact top-k")
+    ap.add_argument("--ready-s", type=float, default=1200)
+    ap.add_argument("--drain-s", type=float, default=60,
+                    help="at most this long waiting for the trainer's backlog before max rps")
+    ap.add_argument("--redis", default=os.environ.get("FRESHREC_REDIS_URL",
+                                                      "redis://127.0.0.1:6379/0"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.closed_seconds, args.burst = 15, 10, 5000
+    sizes = args.items or [100_000]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "serving-logs"
+    logs.mkdir(exist_ok=True)
+    from model.config import ModelConfig
+
+    cfg = ModelConfig(item_tower=args.item_tower)
+    width = cfg.base_dim + 1 + cfg.dim if args.item_tower == "linear" else cfg.dim
+    runs = []
+    for n in sizes:
+        print(f"== {n:,} items: the floor", flush=True)
+        floor = run_floor(n, width, args, logs)
+        print(f"   floor: max {floor['max_rps']:.0f} req/s, p99 "
+              f"{floor['recommend_ms']['p99']:.1f} ms; now freshrec", flush=True)
+        fr = run_freshrec(n, args, logs)
+        ann = args.ann_min_items and n >= args.ann_min_items
+        run = {"items": n, **{k: v for k, v in fr.items() if k != "timeline"},
+               "failed": fr["recommend_ms"]["failed"],
+               "floor_max_rps": floor["max_rps"], "floor_recommend_ms": floor["recommend_ms"],
+               "floor_rss_mb": floor["rss_mb"],
+               "recall@10": dtype_recall(n, width, args.dtype),
+               "retrieval": "ann" if ann else "exact", "dtype": args.dtype,
+               "vs_floor": {"max_rps": fr["max_rps"] / floor["max_rps"],
+                            "recommend_p50": fr["recommend_ms"]["p50"] /
+                            floor["recommend_ms"]["p50"],
+                            "recommend_p99": fr["recommend_ms"]["p99"] /
+                            floor["recommend_ms"]["p99"],
+                            "rss": fr["api_rss_mb"] / floor["rss_mb"]}}
+        runs.append((run, fr["timeline"]))
+        report([r for r, _ in runs], out, args)
+    plot(runs, out)
+    print(f"\nwrote {out / 'serving.json'} and {out / 'serving.png'}")
+    return 0
+
+
+def report(runs: list[dict], out: Path, args: argparse.Namespace) -> None:
+    res = {"runs": runs, "config": {k: v for k, v in vars(args).items() if k != "redis"},
+           "machine": f"{os.cpu_count()} CPUs, no GPU, load average "
+                      f"{os.getloadavg()[0]:.1f} at the end",
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (out / "serving.json").write_text(json.dumps(res, indent=2))
+    for run in runs:
+        fl = run["floor_recommend_ms"]
+        rows = [("freshness p50 / p99 (s)", f"{run['freshness_s']['p50']:.2f} / "
+                 f"{run['freshness_s']['p99']:.2f}", "-", "<= 1 / 2.4"),
+                ("/recommend p50 / p99 (ms)", f"{run['recommend_ms']['p50']:.1f} / "
+                 f"{run['recommend_ms']['p99']:.1f}", f"{fl['p50']:.1f} / {fl['p99']:.1f}",
+                 "p99 <= 25"),
+                ("failed requests / swaps", f"{run['failed']} / {run['swaps']}", "-", "0"),
+                ("version in Redis -> served p50 / p99 (ms)", f"{run['swap_ms']['p50']:.0f} / "
+                 f"{run['swap_ms']['p99']:.0f}", "-", "<= 50 (100k), 100 (1M)"),
+                ("trainer intake (events/s)", f"{run['trainer_events_per_s']:,.0f}", "-",
+                 ">= 5,000"),
+                ("max throughput (req/s)", f"{run['max_rps']:.0f}", f"{run['floor_max_rps']:.0f}",
+                 ">= 1.0x floor"),
+                ("API RSS (MB)", f"{run['api_rss_mb']:.0f}", f"{run['floor_rss_mb']:.0f}", "-")]
+        print(f"\n{run['items']:,} items ({run['retrieval']}, {run['dtype']})")
+        print(f"{'what':<42}{'freshrec':>20}{'floor':>20}   goal")
+        for what, got, floor, goal in rows:
+            print(f"{what:<42}{got:>20}{floor:>20}   {goal}")
+
+
+def plot(runs: list[tuple[dict, list]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].hist(lat * 1e3, bins=60)
-    ax[0].set(title=f"/recommend latency, {args.items:,} items, {args.qps:g} req/s",
-              xlabel="ms", ylabel="requests")
-    times = [r[0] - results[0][0] for r in results]
-    ax[1].plot(times, [r[3] for r in results], ".", ms=2)
-    ax[1].set(title="served model_version during the load", xlabel="s", ylabel="version")
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    labels = [f"{r['items']:,}" for r, _ in runs]
+    x = np.arange(len(runs))
+    ax[0].bar(x - 0.2, [r["max_rps"] for r, _ in runs], 0.4, label="freshrec")
+    ax[0].bar(x + 0.2, [r["floor_max_rps"] for r, _ in runs], 0.4, label="bare FastAPI floor")
+    ax[0].set(xticks=x, xticklabels=labels, xlabel="catalog items", ylabel="req/s",
+              title="closed-loop max throughput")
+    ax[0].legend()
+    ax[1].bar(x - 0.2, [r["recommend_ms"]["p99"] for r, _ in runs], 0.4, label="freshrec")
+    ax[1].bar(x + 0.2, [r["floor_recommend_ms"]["p99"] for r, _ in runs], 0.4, label="floor")
+    ax[1].axhline(25, color="k", ls="--", lw=0.8)
+    ax[1].set(xticks=x, xticklabels=labels, yscale="log", ylabel="ms",
+              title="/recommend p99 at the open-loop rate")
+    ax[1].legend()
+    for (r, timeline) in runs:
+        ax[2].plot([t[0] for t in timeline], [t[1] * 1e3 for t in timeline], ".", ms=2,
+                   label=f"{r['items']:,}")
+    ax[2].set(yscale="log", xlabel="s", ylabel="ms", title="latency over the run (trainer on)")
+    ax[2].legend()
     fig.tight_layout()
     fig.savefig(out / "serving.png", dpi=110)
-    print(f"\nwrote {out / 'serving.json'} and {out / 'serving.png'}")
-    return 0
 
 
 if __name__ == "__main__":

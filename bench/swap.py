@@ -11,8 +11,11 @@ swap touches `--rows` random ID rows and appends 16 items, and the Scorer it rep
 - `copy`: copy the served columns whole, then rewrite the changed rows (the plain copy-on-write
   alternative);
 - `updated`: `Scorer.updated` over the left-right buffers (what the learner and server do now);
-- `apply_delta`: the weight store's delta application (protocol side, unchanged here: it copies
-  the ID table, so it is still O(N)), for scale.
+- `copy_delta`: applying a version's delta to the ID table by copying the table
+  (`model.serialization.apply_delta`, what the weight store did before), for scale;
+- `store_delta`: the weight store's delta application now (`protocol.weights.materialise`:
+  the changed rows written into the inactive side of a left-right ID-table pool, names
+  shared), without the Redis round trips (those cost the same at every size).
 
 Prints a table and writes `swap.json` (and `swap.png` when matplotlib is present) under `--out`.
 """
@@ -33,6 +36,7 @@ from model.config import ModelConfig
 from model.scorer import ItemNames, Scorer, fixed_projection
 from model.serialization import apply_delta
 from model.towers import TwoTower
+from protocol.weights import Manifest, materialise
 
 H = 384
 
@@ -90,8 +94,23 @@ def measure(n: int, rows: int, swaps: int) -> dict[str, float]:
         delta = {"id_emb.rows": r, "id_emb.values": table[r],
                  "id_emb.size": torch.tensor([n])}
         names = ids[:n]
-        out["apply_delta_ms"] = median_ms(lambda: apply_delta(base_state, names, delta, []),
-                                          swaps)
+        out["copy_delta_ms"] = median_ms(lambda: apply_delta(base_state, names, delta, []),
+                                         swaps)
+        manifest = Manifest(0, None, "delta", {}, "", "", 0, 1, 0.0)
+        have = materialise(manifest, None, [(dict(base_state), list(names))])
+        size = n
+
+        def store_swap() -> None:
+            nonlocal have, size
+            r = torch.cat([torch.randint(size, (rows,), generator=gen),
+                           torch.arange(size, size + 16)])
+            part = {"id_emb.rows": r, "id_emb.values": table[r],
+                    "id_emb.size": torch.tensor([size + 16])}
+            have = materialise(manifest, have, [(part, ids[size: size + 16])])
+            size += 16
+
+        store_swap()  # the first allocates the second buffer
+        out["store_delta_ms"] = median_ms(store_swap, swaps)
     return out
 
 
@@ -104,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     runs = [measure(n, args.rows, args.swaps) for n in (args.items or [2000, 200_000])]
-    cols = ("items", "rebuild_ms", "copy_ms", "updated_ms", "apply_delta_ms")
+    cols = ("items", "rebuild_ms", "copy_ms", "updated_ms", "copy_delta_ms", "store_delta_ms")
     print(" | ".join(f"{c:>14}" for c in cols))  # noqa: T201 - a benchmark prints its table
     for run in runs:
         print(" | ".join(f"{run[c]:>14.2f}" if c != "items" else f"{int(run[c]):>14}"  # noqa: T201

@@ -11,9 +11,11 @@ from __future__ import annotations
 import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from model import quant
 from model.towers import TwoTower, id_scale
 
 HEADROOM = 1.25  # a column buffer holds this many times the rows it needs: appends are amortised
@@ -153,16 +155,25 @@ class Scorer:
     Being immutable is what makes hot swaps atomic: a request takes one Scorer reference and is
     served wholly by it, whatever the server swaps in meanwhile. With a linear item tower the
     next version's Scorer is `updated` from this one at the cost of the rows it changed.
+
+    `ann`, when a server sets it (service/ann.py), proposes candidates for `rank_batch`; they
+    are scored exactly with this Scorer's columns and excluded items are removed exactly.
     """
 
+    ann: Any = None  # an object with `candidates(scorer, users, want)`, or None: exact
+    changed: torch.Tensor | None = None  # rows rewritten since the Scorer it was `updated` from
+
     def __init__(self, net: TwoTower, text: torch.Tensor, item_ids: Sequence[str] | ItemNames,
-                 base: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> None:
+                 base: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                 dtype: str = "fp32") -> None:
         """`text` (N, H) features of `item_ids`; with a linear item tower `base` (N, k) may be
         given (the fixed projection, computed once per item) and `text` is then not read, and
         `ids` (N', d) may give the ID rows when `net` carries no ID table (N' <= N: the rest
-        are new items, zero)."""
+        are new items, zero). `dtype` is how the item matrix is stored (`model.quant`: fp32,
+        fp16, or int8 with a scale per row); scores are accumulated in float32 either way."""
         self.names = item_ids if isinstance(item_ids, ItemNames) else ItemNames.of(item_ids)
         self.net = net
+        self.dtype = quant.check(dtype)
         self.history_len = net.cfg.history_len
         self.linear = net.cfg.item_tower == "linear"
         with torch.no_grad():
@@ -176,15 +187,20 @@ class Scorer:
             if self.linear:
                 if net.cfg.text and base is None:
                     base = fixed_projection(net, text)
+                cols = linear_columns(rows, base)
+                self.width = cols.shape[1]
                 self._store = ColumnStore()
-                self._adopt(self._store.first(linear_columns(rows, base)))
+                self._adopt(self._store.first(quant.encode(cols, dtype)))
             else:
-                self.items = torch.nn.functional.normalize(net.text_part(text) + rows, dim=-1)
+                self.width = net.cfg.dim
+                self.items = quant.encode(
+                    torch.nn.functional.normalize(net.text_part(text) + rows, dim=-1), dtype)
 
     def _adopt(self, buf: _Buffer) -> None:
         buf.owner = weakref.ref(self)
         self._buf = buf
-        self.cols = buf.data[: len(self.names)]  # (N, k + 1 + d); valid while this Scorer lives
+        self.cols = buf.data[: len(self.names)]  # (N, k + 1 + d) stored as `dtype` (model.quant);
+        # valid while this Scorer lives
 
     def updated(self, net: TwoTower, names: ItemNames, rows: torch.Tensor, ids: torch.Tensor,
                 base: torch.Tensor | None) -> Scorer:
@@ -200,15 +216,16 @@ class Scorer:
             raise ValueError(f"a catalog of {n_old} items cannot shrink to {n}")
         out = object.__new__(Scorer)
         out.names, out.net, out.linear = names, net, True
-        out.history_len = net.cfg.history_len
+        out.history_len, out.dtype, out.width = net.cfg.history_len, self.dtype, self.width
         with torch.no_grad():
-            vals = linear_columns(ids, base)  # (k, w)
+            vals = quant.encode(linear_columns(ids, base), self.dtype)  # (k, w) stored
             if self._buf.gen != self._store.gen:  # not the newest of its lineage: start a new one
                 out._store = ColumnStore()
                 buf = out._store.first(self.cols)
             else:
                 out._store, buf = self._store, self._buf
             out._adopt(out._store.next(buf, n_old, n, rows.to(buf.data.device), vals))
+        out.changed = rows
         return out
 
     def _queries(self, users: torch.Tensor) -> torch.Tensor:
@@ -221,9 +238,9 @@ class Scorer:
     def _item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
         """Candidate vectors (..., d) of catalog rows `idx` (...,)."""
         if not self.linear:
-            return self.items[idx]
+            return quant.decode(self.items[idx], self.dtype, self.width)
         d = self.net.cfg.dim
-        rows = self.cols[idx]  # (..., k + 1 + d): s t, s, s e
+        rows = quant.decode(self.cols[idx], self.dtype, self.width)  # (..., k + 1 + d): s t, s, s e
         out = rows[..., -d:]
         if self.net.cfg.text:
             out = out + self.net.adapter.proj(rows[..., :-d - 1]) - \
@@ -256,6 +273,17 @@ class Scorer:
         hist = hist * mask.unsqueeze(-1)  # (B, T, d)
         return self.net.user_vectors(hist, mask)
 
+    def scores(self, users: torch.Tensor) -> torch.Tensor:
+        """(B, d) user vectors -> (B, N) scores over the whole catalog."""
+        if self.linear:
+            return quant.scores(self._queries(users), self.cols, self.dtype) / \
+                self.net.cfg.temperature
+        return quant.scores(users, self.items, self.dtype) / self.net.cfg.temperature
+
+    def matrix_bytes(self) -> int:
+        """Bytes of the item matrix this Scorer reads (one side of the left-right pool)."""
+        return quant.nbytes(self.cols if self.linear else self.items)
+
     @torch.no_grad()
     def rank_batch(self, histories: Sequence[Sequence[str]], k: int,
                    exclude: Sequence[Collection[str]] = ()) -> list[list[tuple[str, float]]]:
@@ -263,22 +291,33 @@ class Scorer:
         if not histories or not len(self):
             return [[] for _ in histories]
         users = self.user_vectors(histories)  # (B, d)
-        if self.linear:
-            scores = self._queries(users) @ self.cols.T / self.net.cfg.temperature  # (B, N)
-        else:
-            scores = users @ self.items.T / self.net.cfg.temperature  # (B, N)
-        for row, ex in enumerate(exclude):
-            cols = [j for j in map(self.names.position, ex) if j is not None]
-            if cols:
-                scores[row, cols] = float("-inf")
-        k = min(k, scores.shape[1])
-        top = scores.topk(k, dim=1)
-        out = []
+        excluded = [[j for j in map(self.names.position, ex) if j is not None]
+                    for ex in exclude]
         name = self.names.name
-        for vals, ids in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            out.append([(name(j), float(v)) for v, j in zip(vals, ids, strict=True)
-                        if v != float("-inf")])
-        return out
+        temp = self.net.cfg.temperature
+        out: list[list[tuple[str, float]] | None] = [None] * len(histories)
+        if self.ann is not None:  # candidates, scored exactly; exclusion exact; else fall back
+            most = max((len(ex) for ex in excluded), default=0)
+            for row, (cand, vals) in enumerate(self.ann.candidates(self, users, k + most)):
+                drop = set(excluded[row]) if row < len(excluded) else set()
+                kept = [(name(j), v / temp) for j, v in zip(cand, vals, strict=True)
+                        if j not in drop][:k]
+                if len(kept) >= min(k, len(self) - len(drop)):
+                    out[row] = kept
+                else:
+                    self.ann.fallbacks += 1
+        todo = [row for row, got in enumerate(out) if got is None]
+        if todo:
+            scores = self.scores(users[todo])  # (b, N)
+            for i, row in enumerate(todo):
+                if row < len(excluded) and excluded[row]:
+                    scores[i, excluded[row]] = float("-inf")
+            top = scores.topk(min(k, scores.shape[1]), dim=1)
+            for row, vals, ids in zip(todo, top.values.tolist(), top.indices.tolist(),
+                                      strict=True):
+                out[row] = [(name(j), float(v)) for v, j in zip(vals, ids, strict=True)
+                            if v != float("-inf")]
+        return [got or [] for got in out]
 
 
 def linear_columns(ids: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:

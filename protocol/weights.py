@@ -35,14 +35,16 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import redis
 import torch
 
-from model.serialization import WeightsError, apply_delta, from_bytes
+from model.scorer import ColumnStore
+from model.serialization import ID_TABLE, WeightsError, from_bytes
 from protocol.errors import LeaseLost, VerificationError
 
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -111,13 +113,70 @@ class Lease:
         return f"{self.token}:{self.owner}"
 
 
+class ItemIds(Sequence[str]):
+    """The names of an ID table's rows: the first `n` of an append-only list that successive
+    versions of one lineage share, so a delta that appends names costs what it appends (a copy
+    of a million names, and freeing the old one, is tens of ms). Reads like a list."""
+
+    __slots__ = ("_names", "_n")
+
+    def __init__(self, names: list[str], n: int | None = None) -> None:
+        self._names, self._n = names, len(names) if n is None else n
+
+    def extended(self, added: Sequence[str]) -> ItemIds:
+        """These names plus `added`, sharing the list when nobody extended it past ours yet."""
+        if len(self._names) != self._n:  # a version we never served appended: copy, O(N) once
+            return ItemIds(self._names[: self._n] + list(added))
+        self._names.extend(added)
+        return ItemIds(self._names, len(self._names))
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):  # O(len of the slice), not of the names
+            r = range(self._n)[i]
+            return self._names[r.start:r.stop] if r.step == 1 else [self._names[j] for j in r]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._names[i % self._n]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names[: self._n]) if len(self._names) != self._n else \
+            iter(self._names)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ItemIds):
+            other = other[:]
+        return isinstance(other, list) and len(other) == self._n and self[:] == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ItemIds({self._n} names)"
+
+
 @dataclass(frozen=True)
 class LoadedVersion:
-    """A verified, fully materialised version (deltas applied)."""
+    """A verified, fully materialised version (deltas applied).
+
+    `tensors[ID_TABLE]` is a view into a buffer of the store's left-right ID-table pool (see
+    `WeightStore.load`): it stays valid while that tensor object is referenced (this
+    LoadedVersion holds it); a tensor sliced from it does not keep it valid, so copy rows out.
+    """
 
     manifest: Manifest
     tensors: dict[str, torch.Tensor]
-    item_ids: list[str]
+    item_ids: Sequence[str]  # ItemIds from `load`: shared with the other versions of a lineage
+    # ID-table rows (appended ones included, ascending) in which this version differs from the
+    # `have` it was loaded from by deltas alone; None when it was loaded from a full snapshot
+    # (then compare tables if needed). Reported by the store, so no reader re-reads blobs.
+    changed_rows: torch.Tensor | None = field(default=None, compare=False)
+    _store: ColumnStore | None = field(default=None, repr=False, compare=False)
 
 
 class WeightStore:
@@ -172,7 +231,8 @@ class WeightStore:
         """"{token}:{owner}" of the current lease, if any."""
         return _text(self.r.get(self.lease_key))
 
-    def _fenced(self, lease: Lease | None, writes: Callable[[Any], object]) -> bool:
+    def _fenced(self, lease: Lease | None, writes: Callable[[Any], object],
+                tries: int = 3) -> bool:
         """Queue `writes` in one MULTI/EXEC that runs only if `lease` is the current lease (and
         renews it), or, without a lease, if no publisher holds one. False, with nothing
         written, otherwise. A lease that lapsed is taken up again while nobody took a newer
@@ -200,8 +260,9 @@ class WeightStore:
                         pipe.set(self.lease_seq, lease.token)  # Redis lost it: never again
                 writes(pipe)
                 pipe.execute()
-            except redis.WatchError:  # the lease changed hands between the check and EXEC
-                return False
+            except redis.WatchError:  # the lease key changed between the check and EXEC: look
+                # again (it may only have expired: a stalled holder's lapse, nobody else's)
+                return tries > 1 and self._fenced(lease, writes, tries - 1)
         return True
 
     # ------------------------------------------------------------------ writing
@@ -366,23 +427,23 @@ class WeightStore:
         """Materialise `version`, applying deltas from `have` when it is on the chain, else from
         the chain's full snapshot. Every manifest and blob on the way is verified, and each
         parent must be the very version its child names (digest, epoch): a chain that loops or
-        splices into another history is refused."""
+        splices into another history is refused.
+
+        Applying deltas onto `have` costs the rows they changed, never the catalog: the deltas
+        are merged (last write wins), then written into the inactive side of `have`'s left-right
+        ID-table pool (`model.scorer.ColumnStore`: a buffer no live version reads, brought up to
+        date with the rows changed since it was last used). `have`'s own table is never written,
+        so a version refused after loading leaves the served one intact. The result's
+        `changed_rows` names the rows that differ from `have`."""
         chain = self._chain(version, have)
         if not chain:
             assert have is not None
             return have
-        base = have if chain[-1].kind == "delta" else None
-        tensors, ids = (base.tensors, base.item_ids) if base else ({}, [])
         try:
-            for m in reversed(chain):
-                part, part_ids = from_bytes(self.blob(m))
-                if m.kind == "full":
-                    tensors, ids = part, part_ids
-                else:
-                    tensors, ids = apply_delta(tensors, ids, part, part_ids)
+            parts = [from_bytes(self.blob(m)) for m in reversed(chain)]
         except WeightsError as exc:
             raise VerificationError("bad_blob", str(exc)) from exc
-        return LoadedVersion(chain[0], tensors, ids)
+        return materialise(chain[0], have if chain[-1].kind == "delta" else None, parts)
 
     def _chain(self, version: int, have: LoadedVersion | None) -> list[Manifest]:
         """Verified manifests from `version` back to a full snapshot, or to the child of `have`
@@ -399,10 +460,10 @@ class WeightStore:
                 raise VerificationError("chain_loop", f"version {child.version} names parent "
                                         f"{child.parent}, which is not older than it")
             if have is not None and child.parent == have.manifest.version and \
-                    _parent_matches(child, have.manifest):
+                    parent_matches(child, have.manifest):
                 break
             parent = self.manifest(child.parent)
-            if not _parent_matches(child, parent):
+            if not parent_matches(child, parent):
                 raise VerificationError("broken_chain", f"version {child.version}: parent "
                                         f"{child.parent} is another version (store lost data?)")
             seen.add(parent.version)
@@ -410,7 +471,110 @@ class WeightStore:
         return chain
 
 
-def _parent_matches(child: Manifest, parent: Manifest) -> bool:
+def materialise(manifest: Manifest, have: LoadedVersion | None,
+                parts: list[tuple[dict[str, torch.Tensor], list[str]]]) -> LoadedVersion:
+    """The version `manifest` names from its parsed blobs `parts` (oldest first): deltas on top
+    of `have`, or, without `have`, a full snapshot and the deltas after it. Costs the rows the
+    deltas change when applied onto `have` (see `WeightStore.load`); raises VerificationError
+    ("bad_blob") for parts that do not fit."""
+    try:
+        if have is not None:
+            dense = {k: v for k, v in have.tensors.items() if k != ID_TABLE}
+            old = have.tensors[ID_TABLE]
+            full_table, base_ids = None, have.item_ids
+        else:
+            (dense, first_ids), parts = parts[0], parts[1:]
+            base_ids = ItemIds(first_ids)
+            dense = dict(dense)
+            full_table = dense.pop(ID_TABLE, None)
+            if full_table is None:
+                raise WeightsError("a full snapshot without an ID table")
+            old = full_table
+        rows, values, size, added = merge_deltas(dense, old.shape[0], len(base_ids), parts)
+        if len(rows) and (old.dim() != 2 or values.shape[1:] != old.shape[1:]):
+            raise WeightsError("delta rows do not match the ID table's width")
+    except WeightsError as exc:
+        raise VerificationError("bad_blob", str(exc)) from exc
+    ids = (base_ids if isinstance(base_ids, ItemIds) else ItemIds(list(base_ids))
+           ).extended(added)
+    if full_table is not None:  # a fresh lineage: O(N), as reading the snapshot was
+        if size != full_table.shape[0]:
+            full_table = torch.cat([full_table, full_table.new_zeros(
+                size - full_table.shape[0], full_table.shape[1])])
+        if len(rows):  # the snapshot's tensor is fresh from the bytes: nobody reads it
+            full_table[rows] = values.to(full_table.dtype)
+        store = ColumnStore()
+        buf = store.first(full_table)
+        changed = None
+    else:
+        assert have is not None
+        store, buf = _lineage(have)
+        buf = store.next(buf, old.shape[0], size, rows, values.to(old.dtype))
+        changed = rows
+    table = buf.data[:size]
+    buf.owner = weakref.ref(table)
+    return LoadedVersion(manifest, {**dense, ID_TABLE: table}, ids, changed, store)
+
+
+def _lineage(have: LoadedVersion) -> tuple[ColumnStore, Any]:
+    """`have`'s ID-table pool and buffer, when `have` is the newest of its pool; else a new
+    pool holding a copy of its table (after a refused version: O(N) once)."""
+    store, table = have._store, have.tensors[ID_TABLE]
+    if store is not None:
+        for buf in store.buffers:
+            if buf.gen == store.gen and buf.owner is not None and buf.owner() is table:
+                return store, buf
+    store = ColumnStore()
+    return store, store.first(table)
+
+
+def merge_deltas(dense: dict[str, torch.Tensor], n: int, n_names: int,
+                 deltas: list[tuple[dict[str, torch.Tensor], list[str]]]
+                 ) -> tuple[torch.Tensor, torch.Tensor, int, list[str]]:
+    """Fold `deltas` (oldest first; `model.serialization.make_delta`'s form) over a version
+    whose dense tensors are `dense` (updated in place) and whose ID table has `n` rows and
+    `n_names` names. The ID-table rows come back merged, without touching any table: (rows
+    (k,) ascending, values (k, d), new size, appended names). A row written twice keeps the
+    newer value; every appended row (from `n` on) is among `rows`. Raises WeightsError for a
+    delta that does not fit (shapes, rows out of range, names)."""
+    all_rows, all_values = [torch.zeros(0, dtype=torch.long)], []
+    size, names = n, n_names
+    appended: list[str] = []
+    for part, added in deltas:
+        for k, v in part.items():
+            if not k.startswith("id_emb."):
+                if k not in dense or dense[k].shape != v.shape:
+                    raise WeightsError(f"delta tensor {k} does not match the base")
+                dense[k] = v
+        try:
+            new_size = int(part["id_emb.size"][0])
+            rows, values = part["id_emb.rows"].to(torch.long), part["id_emb.values"]
+        except (KeyError, IndexError) as exc:
+            raise WeightsError(f"delta lacks its ID rows: {exc}") from exc
+        if new_size < size or values.dim() != 2 or len(values) != len(rows):
+            raise WeightsError("delta ID rows do not fit the table")
+        if rows.numel() and (int(rows.max()) >= new_size or int(rows.min()) < 0):
+            raise WeightsError("delta rows out of range")
+        if not bool(torch.isin(torch.arange(size, new_size), rows).all()):
+            raise WeightsError("delta appends rows it gives no values for")
+        appended.extend(added)
+        names += len(added)
+        if names != new_size:
+            raise WeightsError(f"delta names {names} items for a table of {new_size} rows")
+        size = new_size
+        all_rows.append(rows)
+        all_values.append(values)
+    if not all_values:
+        return all_rows[0], torch.zeros(0, 0), size, appended
+    rows = torch.cat(all_rows)
+    values = torch.cat(all_values)
+    uniq, inverse = rows.unique(return_inverse=True)
+    last = torch.full((len(uniq),), -1, dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(len(rows)), "amax")  # the newest write of each row
+    return uniq, values[last], size, appended
+
+
+def parent_matches(child: Manifest, parent: Manifest) -> bool:
     """Whether `parent` is the version `child` was made from. Manifests from before digests and
     epochs existed carry neither; for them only the number can be checked."""
     if child.parent_digest is None:

@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing torch==2.13.0 and freshrec[dev,bench] (a few minutes the first time)"
   python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   python -m pip install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-  python -m pip install -q -e '.[dev,bench]' 2>&1 | grep -v '^WARNING: Location' || true
+  python -m pip install -q -e '.[dev,bench,ann]' 2>&1 | grep -v '^WARNING: Location' || true
   python -c "import torch, transformers, kafka, fastapi, redis, river" \
     || { echo "setup: installation failed" >&2; exit 1; }
   touch "$stamp"

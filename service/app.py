@@ -23,7 +23,7 @@ from protocol.features import FeatureStore
 from protocol.weights import WeightStore
 from service import metrics
 from service.deps import RecentEvents, UserCache
-from service.holder import ModelHolder
+from service.holder import AnnSettings, ModelHolder
 from service.routes import error_body, router
 from service.settings import ServiceSettings
 
@@ -205,7 +205,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     features = FeatureStore(client, settings.namespace)
     weights = WeightStore(client, settings.require_hmac_key(), settings.namespace)
     holder = ModelHolder(weights, features, TextEncoder(settings.encoder_path),
-                         settings.poll_interval_s)
+                         settings.poll_interval_s, item_dtype=settings.item_dtype,
+                         ann=AnnSettings(settings.ann_min_items, settings.ann_nprobe,
+                                         settings.ann_recall))
     app.state.features = features
     app.state.holder = holder
     app.state.user_cache = UserCache(settings.user_cache_size)

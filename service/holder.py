@@ -10,7 +10,9 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
@@ -20,18 +22,25 @@ from model.config import ModelConfig
 from model.encoder import TextEncoder
 from model.events import Item
 from model.scorer import Scorer
-from model.serialization import ID_TABLE, WeightsError, check_tensors, from_bytes
+from model.serialization import ID_TABLE, WeightsError, check_tensors
 from model.towers import TwoTower
 from protocol.errors import VerificationError
 from protocol.features import FeatureStore, share_text_features
 from protocol.weights import LoadedVersion, WeightStore
-from protocol.weights import _parent_matches as parent_matches  # the store's own chain rule
 from service import metrics
 from service.linear import LinearCatalog
 
 log = logging.getLogger("freshrec.service")
 RETRY_MAX_S = 300.0  # a version that failed to build is tried again after 1, 2, 4 ... this many s
-MAX_DELTA_WALK = 20  # deltas read back to find the rows changed since the served version
+
+
+@dataclass(frozen=True)
+class AnnSettings:
+    """When to serve top-k candidates from an ANN index (service/ann.py)."""
+
+    min_items: int = 0  # catalog size from which it is used; 0 = never
+    nprobe: int = 0  # 0 = tuned when the index is built
+    recall: float = 0.97  # what tuning aims for (recall@10 against exact, sampled histories)
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,13 @@ class ModelHolder:
     """Owns the current Snapshot and the thread that replaces it."""
 
     def __init__(self, weights: WeightStore, features: FeatureStore, encoder: TextEncoder,
-                 poll_interval_s: float = 0.5) -> None:
+                 poll_interval_s: float = 0.5, item_dtype: str = "fp32",
+                 ann: AnnSettings | None = None) -> None:
         self.weights = weights
+        self.item_dtype = item_dtype  # how Scorers store the item matrix (model/quant.py)
+        self.ann_settings = ann or AnnSettings()
+        self.ann: Any = None  # the AnnIndex following the served lineage, once built
+        self._ann_follows: weakref.ref | None = None  # the Scorer the index was last written to
         self.features = features
         self.encoder = encoder
         self.poll_interval_s = poll_interval_s
@@ -65,7 +79,8 @@ class ModelHolder:
         self._last_swap = 0.0
         self._catalog: dict[str, Item] = {}
         self._text: dict[str, np.ndarray] = {}
-        self._linear = LinearCatalog(self._text)  # item_tower="linear": projections, vocabulary
+        # item_tower="linear": projections, vocabulary
+        self._linear = LinearCatalog(self._text, item_dtype)
         self._catalog_copy: dict[str, Item] | None = None  # what snapshots share until it changes
         self._unshared: set[str] = set()  # items whose features this server encoded itself
         self._cursor = 0
@@ -164,7 +179,7 @@ class ModelHolder:
             t0 = time.monotonic()
             try:
                 loaded = self.weights.load(target, have=have)
-                scorer = self._build(loaded, self._changed_rows(loaded, have))
+                scorer = self._with_ann(self._build(loaded, self._changed_rows(loaded, have)))
             except (VerificationError, ValueError) as exc:  # WeightsError is a ValueError
                 reason = getattr(exc, "reason", None) or (
                     "bad_shape" if isinstance(exc, WeightsError) else "bad_manifest")
@@ -185,7 +200,8 @@ class ModelHolder:
             self._swap(Snapshot(target, loaded, scorer, self._catalog_view()))
         elif catalog_changed and cur.loaded is not None:
             unchanged = torch.zeros(0, dtype=torch.long)  # same weights: only the catalog moved
-            self.current = Snapshot(cur.version, cur.loaded, self._build(cur.loaded, unchanged),
+            self.current = Snapshot(cur.version, cur.loaded,
+                                    self._with_ann(self._build(cur.loaded, unchanged)),
                                     self._catalog_view())
         elif catalog_changed:
             self.current = Snapshot(0, None, None, self._catalog_view())
@@ -203,25 +219,43 @@ class ModelHolder:
         if have is None or loaded is have or loaded.manifest.config != have.manifest.config \
                 or loaded.manifest.config.get("item_tower") != "linear":
             return None
-        rows = self._delta_rows(loaded, have)
+        rows = loaded.changed_rows  # the store reports what its deltas changed
         return rows if rows is not None else _table_diff(loaded, have)
 
-    def _delta_rows(self, loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | None:
-        """The rows, when the store reached `loaded` from `have` by deltas alone: read back
-        from those deltas' blobs (small, immutable, hash-checked), as the store's `load` does
-        not report them. O(rows changed)."""
-        parts, m = [], loaded.manifest
-        try:
-            for _ in range(MAX_DELTA_WALK):
-                if m.kind != "delta" or m.parent is None:
-                    return None
-                parts.append(from_bytes(self.weights.blob(m))[0]["id_emb.rows"])
-                if m.parent == have.manifest.version and parent_matches(m, have.manifest):
-                    return torch.cat(parts).to(torch.long)
-                m = self.weights.manifest(m.parent)
-        except (VerificationError, WeightsError, KeyError):
-            pass  # pruned or unreadable since `load` read it: the version itself is fine
-        return None
+    def _with_ann(self, scorer: Scorer) -> Scorer:
+        """Attach the ANN index to a linear Scorer over a large enough catalog: its changed
+        rows written in place when it was built from the Scorer the index follows, else the
+        index built (and tuned) from it in full. Exact serving when faiss is missing."""
+        want = self.ann_settings
+        if not want.min_items or not scorer.linear or len(scorer) < want.min_items:
+            return scorer
+        from service import ann
+
+        if not ann.available():
+            if self.ann is None:
+                log.warning("FRESHREC_ANN_MIN_ITEMS is set but faiss is not installed "
+                            "(pip install freshrec[ann]); serving exact top-k")
+                self.ann = False
+            return scorer
+        if self.ann and scorer.changed is not None and self._ann_follows is not None \
+                and self._ann_follows() is self.current.scorer:
+            self.ann.update(scorer, scorer.changed)
+        else:
+            t0 = time.monotonic()
+            index = ann.AnnIndex(nprobe=want.nprobe, target_recall=want.recall)
+            index.build(scorer)
+            if not want.nprobe:
+                rng = np.random.default_rng(0)
+                picks = rng.integers(0, len(scorer), size=(200, 3)).tolist()
+                users = scorer.user_vectors([[scorer.names.name(j) for j in p] for p in picks])
+                index.tune(scorer, users)
+            self.ann = index
+            log.info("ANN index over %s items built in %.1f s (nlist %s, nprobe %s, recall@10 "
+                     "%.3f on sampled histories)", len(scorer), time.monotonic() - t0,
+                     index.nlist, index.nprobe, index.recall or float("nan"))
+        self._ann_follows = weakref.ref(scorer)
+        scorer.ann = self.ann
+        return scorer
 
     def _build_failed(self, target: int, sig: str | None, exc: Exception, serving: int) -> None:
         """Count a failed build and set when to try it again (1, 2, 4 ... RETRY_MAX_S s), so a
@@ -241,6 +275,7 @@ class ModelHolder:
         metrics.VERSION.set(snap.version)
         now = time.time()
         assert snap.loaded is not None
+        metrics.SWAP_DELAY.observe(max(0.0, now - snap.loaded.manifest.created_at))
         for ts in snap.loaded.manifest.trained_through.get("produced_ts", []):
             metrics.FRESHNESS.observe(max(0.0, now - float(ts)))
         log.info("serving version %s", snap.version)
@@ -324,7 +359,8 @@ class ModelHolder:
             return self._linear.full(net, loaded.item_ids, table, self._catalog)
         net.load_state_dict(loaded.tensors)
         net.eval()
-        self._linear = LinearCatalog(self._text)  # unused by `mlp`: keep nothing growing in it
+        # unused by `mlp`: keep nothing growing in it
+        self._linear = LinearCatalog(self._text, self.item_dtype)
         known = set(loaded.item_ids)
         ids = list(loaded.item_ids) + [i for i in self._catalog if i not in known]
         zero = np.zeros(self.encoder.dim, dtype=np.float32)
@@ -332,7 +368,7 @@ class ModelHolder:
                                 if ids else np.zeros((0, self.encoder.dim), np.float32))
         assert table.shape[0] == len(loaded.item_ids)
         metrics.BUILDS.labels("full").inc()
-        return Scorer(net, text, ids)
+        return Scorer(net, text, ids, dtype=self.item_dtype)
 
 
 def _table_diff(loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | None:

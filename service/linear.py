@@ -24,7 +24,8 @@ CHUNK = 65_536  # texts projected per matmul when every item is projected (bound
 class LinearCatalog:
     """Cached projections and the served vocabulary; used by the holder's one builder thread."""
 
-    def __init__(self, text: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, text: Mapping[str, np.ndarray], dtype: str = "fp32") -> None:
+        self.dtype = dtype  # how the Scorers built here store the item matrix (model/quant.py)
         self._text = text  # the holder's item id -> text features (H,), read only
         self._basis: torch.Tensor | None = None  # (H, k) the projections below were made with
         self._proj = torch.zeros(1, 0)  # (capacity, k); row 0 stays zero: "no text features"
@@ -51,7 +52,8 @@ class LinearCatalog:
         self._extras = {item: None for item in catalog if item not in self._index}
         names = ItemNames(self._vocab, self._index, len(self._vocab), list(self._extras))
         base = self._bases(self._vocab + names.tail) if net.cfg.text else None
-        scorer = Scorer(net, table.new_zeros(0, 0), names, base=base, ids=table)
+        scorer = Scorer(net, table.new_zeros(0, 0), names, base=base, ids=table,
+                        dtype=self.dtype)
         self._changed.clear()
         return scorer
 

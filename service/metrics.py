@@ -17,6 +17,10 @@ FRESHNESS = Histogram(
     "freshrec_freshness_seconds",
     "Event produce time -> this server starts serving a version trained on it (sampled).",
     buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 5, 10, 30, 60, 300))
+SWAP_DELAY = Histogram(
+    "freshrec_swap_delay_seconds",
+    "A version's creation in the weight store -> this server starts serving it.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 MODEL_AGE = Gauge("freshrec_model_age_seconds", "Now minus the served version's creation time.")
 REQUEST_SECONDS = Histogram(
     "freshrec_http_request_duration_seconds", "Request latency by route and status.",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import SecretStr
 
 from protocol.settings import CommonSettings
@@ -20,3 +22,11 @@ class ServiceSettings(CommonSettings):
     recent_events_s: float = 2.0
     loader_stuck_s: float = 120.0  # /healthz fails once one model refresh runs this long
     torch_threads: int = 1  # per-request matmuls are small; one thread keeps latency flat
+    # how the served item matrix is stored: fp32, fp16, or int8 with a scale per row
+    # (model/quant.py; memory, latency and recall of each in bench/RESULTS.md)
+    item_dtype: Literal["fp32", "fp16", "int8"] = "fp32"
+    # top-k candidates from an incrementally updated faiss IVF index (service/ann.py) once the
+    # catalog has this many items (linear item tower, faiss-cpu installed); 0 = never
+    ann_min_items: int = 0
+    ann_nprobe: int = 0  # IVF lists searched; 0 = tuned at build time to ann_recall
+    ann_recall: float = 0.97  # recall@10 the tuning aims for, on sampled histories

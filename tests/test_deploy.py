@@ -61,6 +61,7 @@ GAUGES = {
 }
 HISTOGRAMS = {
     "freshrec_freshness_seconds",
+    "freshrec_swap_delay_seconds",
     "freshrec_http_request_duration_seconds",
     "freshrec_trainer_batch_size",
     "freshrec_trainer_step_seconds",
