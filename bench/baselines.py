@@ -356,7 +356,7 @@ class ImplicitALS:
     name = "als"
     wants_user_ids = True
 
-    def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 10.0,
+    def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 1.0,
                  iterations: int = 15, retrain_every: int = 5000, seed: int = 0) -> None:
         if retrain_every < 1 or factors < 1 or alpha < 1:
             raise ValueError("retrain_every and factors must be >= 1, alpha >= 1")

@@ -26,7 +26,8 @@ from typing import Any
 from bench.stats import mean_ci, paired_ratio_ci, relative_drop_ci
 from freshrec.data import Dataset, Interaction, synthetic_stream
 
-__all__ = ["DriftStream", "recurring_drift_stream", "run_recurring_drift"]
+__all__ = ["DriftStream", "collect_drift", "merge_drift_raw", "recurring_drift_stream",
+           "run_recurring_drift", "summarize_drift"]
 
 
 class DriftStream:
@@ -39,7 +40,7 @@ class DriftStream:
         self.probe = probe  # positions of held-out events of probe users (first regime only)
 
 
-def recurring_drift_stream(n_users: int = 500, n_items: int = 1200, per_regime: int = 15_000,
+def recurring_drift_stream(n_users: int = 500, n_items: int = 1200, per_regime: int = 10_000,
                            seed: int = 0, regimes: str = "ABA", n_topics: int = 16,
                            topic_affinity: float = 0.9, probe_frac: float = 0.3,
                            probe_events: int = 5) -> DriftStream:
@@ -123,28 +124,40 @@ def _one(name: str, stream: DriftStream, cfg: Any) -> dict[str, Any]:
             "wall_s": time.perf_counter() - t0}
 
 
-def run_recurring_drift(methods: Sequence[str], seeds: Sequence[int], per_regime: int, cfg: Any,
-                        log: Callable[[str], None] | None = None,
-                        regimes: str = "ABA", n_users: int = 500,
-                        n_items: int = 1200) -> dict[str, Any]:
-    """Every method on the A -> B -> A stream, once per seed; what quality.json's
-    ``recurring_drift`` holds (per method: forgetting with CI, HR per regime; and the paired
-    gain of `incremental` over each other method on the probe after B and on the later regimes).
-    """
+def collect_drift(methods: Sequence[str], seeds: Sequence[int], per_regime: int, cfg: Any,
+                  log: Callable[[str], None] | None = None, regimes: str = "ABA",
+                  n_users: int = 500, n_items: int = 1200) -> dict[str, Any]:
+    """Every method on the A -> B -> A stream, once per seed: the raw runs."""
     k = cfg.k
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    n_probe = 0
     for seed in seeds:
         stream = recurring_drift_stream(n_users, n_items, per_regime, seed, regimes)
         scfg = replace(cfg, seed=seed, events=None)
         for name in methods:
             res = _one(name, stream, scfg)
             runs[name].append(res)
-            n_probe = res["n_probe"]
             if log is not None:
+                n = max(res["n_probe"], 1)
                 hrs = " ".join(f"{p['regime']} {p[f'hr@{k}']:.4f}" for p in res["phases"])
-                log(f"drift seed {seed} {name}: probe HR {sum(res['probes'][0]) / max(n_probe, 1):.4f}"
-                    f" -> {sum(res['probes'][1]) / max(n_probe, 1):.4f}; {hrs}; {res['wall_s']:.0f} s")
+                log(f"drift seed {seed} {name}: probe HR {sum(res['probes'][0]) / n:.4f} -> "
+                    f"{sum(res['probes'][1]) / n:.4f}; {hrs}; {res['wall_s']:.0f} s")
+    protocol = {"regimes": regimes, "per_regime": per_regime, "n_users": n_users,
+                "n_items": n_items, "seeds": list(seeds), "k": k,
+                "description": __doc__.split("\n\n")[1].replace("\n", " ")}
+    return {"protocol": protocol, "runs": runs}
+
+
+def merge_drift_raw(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Raw drift runs of other seeds as one."""
+    protocol = {**raws[0]["protocol"], "seeds": [s for r in raws for s in r["protocol"]["seeds"]]}
+    return {"protocol": protocol,
+            "runs": {m: [x for r in raws for x in r["runs"][m]] for m in raws[0]["runs"]}}
+
+
+def summarize_drift(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per method: forgetting with CI, HR per regime; and the paired gain of `incremental` over
+    each other method on the probe after B and on the later regimes (prequential)."""
+    runs, k = raw["runs"], raw["protocol"]["k"]
     out: dict[str, Any] = {}
     for name, rs in runs.items():
         before = [r["probes"][0] for r in rs]
@@ -160,7 +173,7 @@ def run_recurring_drift(methods: Sequence[str], seeds: Sequence[int], per_regime
         out[name] = {
             "forgetting": {**relative_drop_ci(before, after), f"hr@{k}_before": hr_before,
                            f"hr@{k}_before_ci": ci_before, f"hr@{k}_after": hr_after,
-                           f"hr@{k}_after_ci": ci_after, "n_probe": n_probe},
+                           f"hr@{k}_after_ci": ci_after, "n_probe": sum(len(b) for b in before)},
             "phases": phases,
             "wall_s": sum(r["wall_s"] for r in rs) / len(rs),
         }
@@ -177,7 +190,10 @@ def run_recurring_drift(methods: Sequence[str], seeds: Sequence[int], per_regime
                     [[h for p in r["phases"] for h in p["_hits"]] for r in inc],
                     [[h for p in r["phases"] for h in p["_hits"]] for r in rs]),
             }
-    return {"protocol": {"regimes": regimes, "per_regime": per_regime, "n_users": n_users,
-                         "n_items": n_items, "seeds": list(seeds), "probe_events": n_probe,
-                         "description": __doc__.split("\n\n")[1].replace("\n", " ")},
-            "methods": out, "comparisons": comparisons}
+    return {"protocol": raw["protocol"], "methods": out, "comparisons": comparisons}
+
+
+def run_recurring_drift(methods: Sequence[str], seeds: Sequence[int], per_regime: int, cfg: Any,
+                        log: Callable[[str], None] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """`collect_drift` then `summarize_drift`: what quality.json's ``recurring_drift`` holds."""
+    return summarize_drift(collect_drift(methods, seeds, per_regime, cfg, log, **kwargs))

@@ -246,6 +246,9 @@ def neural_factories(base: ModelConfig | None = None) -> dict[str, Any]:
         "incremental": make("incremental"),
         "incremental-no-replay": make("incremental-no-replay", replay=False),
         "incremental-no-anchor": make("incremental-no-anchor", anchor="none"),
+        # the anchor redesigned: a slow moving average instead of the last publish (issue 10)
+        "incremental-anchor-ema": make("incremental-anchor-ema", anchor="ema",
+                                       anchor_strength=1e-2),
         "incremental-no-adaptive-lr": make("incremental-no-adaptive-lr", adaptive_lr=False),
         "incremental-id-only": make("incremental-id-only", text=False, id_embedding=True),
         "retrain": lambda catalog, qcfg: Retrain(replace(base, seed=qcfg.seed),

@@ -65,7 +65,9 @@ __all__ = [
     "forgetting",
     "frozen_after_warmup",
     "leave_one_out",
+    "collect",
     "main",
+    "merge_raw",
     "ndcg_at",
     "prequential",
     "rank_cases",
@@ -73,6 +75,7 @@ __all__ = [
     "run_method",
     "run_quality",
     "split_warmup",
+    "summarize",
     "write_outputs",
 ]
 
@@ -205,6 +208,7 @@ NEURAL_METHODS = (
     "incremental",
     "incremental-no-replay",
     "incremental-no-anchor",
+    "incremental-anchor-ema",
     "incremental-no-adaptive-lr",
     "incremental-id-only",
     "retrain",
@@ -697,6 +701,18 @@ def run_quality(
     bootstrap intervals over the scored events (`bench.stats`); ``comparisons`` holds the
     paired relative gain of `incremental` over every other method run.
     """
+    return summarize(collect(dataset, methods, cfg, log, seeds))
+
+
+def collect(
+    dataset: Dataset,
+    methods: Sequence[str],
+    cfg: QualityConfig,
+    log: Callable[[str], None] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """The raw runs behind `run_quality`: per method, one result per seed with its per-event
+    hits. Raw runs of different seeds (other processes) combine with `merge_raw`."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
@@ -733,7 +749,24 @@ def run_quality(
             per_method[name].append(res)
             if log is not None:
                 log(f"seed {seed} {name}: HR@{k} {res[f'hr@{k}']:.4f} in {res['wall_s']:.1f} s")
-    results = {name: _merge_seeds(runs, seeds, k) for name, runs in per_method.items()}
+    return {"protocol": protocol, "runs": per_method}
+
+
+def merge_raw(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Raw runs of the same protocol and methods, seeds apart, as one raw result."""
+    first = raws[0]
+    protocol = {**first["protocol"], "seeds": [s for r in raws for s in r["protocol"]["seeds"]]}
+    runs = {name: [run for r in raws for run in r["runs"][name]] for name in first["runs"]}
+    return {"protocol": protocol, "runs": runs}
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """What quality.json holds, from raw runs: means over seeds, intervals, comparisons."""
+    protocol, per_method = raw["protocol"], raw["runs"]
+    seeds, k = protocol["seeds"], protocol["k"]
+    methods = list(per_method)
+    results = {name: _merge_seeds(copy.deepcopy(runs), seeds, k)
+               for name, runs in per_method.items()}
     comparisons: dict[str, Any] = {}
     if "incremental" in results:
         for name, res in results.items():
@@ -860,8 +893,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None,
                         help="comma-separated seeds, one run each (tie order and model init "
                         "together), reported as means with 95%% intervals; overrides --seed")
-    parser.add_argument("--drift-events", type=int, default=15_000,
+    parser.add_argument("--drift-events", type=int, default=10_000,
                         help="events per regime of the recurring-drift stream (A, B, A)")
+    parser.add_argument("--raw-out", default=None,
+                        help="also write the raw per-seed runs (per-event hits) to this file")
+    parser.add_argument("--merge", default=None,
+                        help="comma-separated raw files (--raw-out) of runs with other seeds: "
+                        "write their combined quality.json/.png to --out and run nothing")
     parser.add_argument("--no-drift", action="store_true",
                         help="skip the recurring-drift forgetting measure")
     parser.add_argument("--drift-methods", default=None,
@@ -913,27 +951,47 @@ def main(argv: Sequence[str] | None = None) -> int:
             small_batch=args.small_batch or neural.BASE_CONFIG.small_batch,
             item_tower=args.item_tower or neural.BASE_CONFIG.item_tower,
         )
-    if args.synthetic:
+    if args.merge:
+        dataset = None
+    elif args.synthetic:
         dataset = synthetic_stream(1000, 2000, args.events or 100_000, 20_000, args.seed)
     else:
         dataset = load_movielens(args.data or ml100k_dir())
+    assert dataset is not None or args.merge
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    result = run_quality(dataset, methods, cfg, log=log, seeds=seeds)
-    if not args.no_drift:
-        from bench.drift import run_recurring_drift
+    if args.merge:
+        raws = [json.loads(Path(f).read_text()) for f in args.merge.split(",") if f.strip()]
+        raw = merge_raw(raws)
+        drifts = [r["drift"] for r in raws if r.get("drift")]
+        if drifts:
+            from bench.drift import merge_drift_raw
 
-        drift_methods = (
-            [m.strip() for m in args.drift_methods.split(",") if m.strip()]
-            if args.drift_methods else [m for m in methods if m != "static"]
-        )
-        drift = run_recurring_drift(drift_methods, seeds, args.drift_events, cfg, log=log)
+            raw["drift"] = merge_drift_raw(drifts)
+    else:
+        raw = collect(dataset, methods, cfg, log=log, seeds=seeds)
+        if not args.no_drift:
+            from bench.drift import collect_drift
+
+            drift_methods = (
+                [m.strip() for m in args.drift_methods.split(",") if m.strip()]
+                if args.drift_methods else [m for m in methods if m != "static"]
+            )
+            raw["drift"] = collect_drift(drift_methods, seeds, args.drift_events, cfg, log=log)
+        if args.raw_out:
+            Path(args.raw_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.raw_out).write_text(json.dumps(raw))
+    result = summarize(raw)
+    if raw.get("drift"):
+        from bench.drift import summarize_drift
+
+        drift = summarize_drift(raw["drift"])
         result["recurring_drift"] = drift
         if drift["methods"]:
-            pick = "incremental" if "incremental" in drift["methods"] else drift_methods[0]
+            pick = "incremental" if "incremental" in drift["methods"] else next(iter(drift["methods"]))
             result["forgetting"]["recurring_drift"] = {
                 "method": pick, **drift["methods"][pick]["forgetting"]}
     json_path, png_path = write_outputs(result, args.out)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 POLICIES = ("head", "lora", "full")
-ANCHORS = ("l2sp", "none")
+ANCHORS = ("l2sp", "ema", "none")
 SMALL_BATCH = ("scale", "none")
 ITEM_TOWERS = ("mlp", "linear")
 
@@ -67,8 +67,11 @@ class ModelConfig:
     replay: bool = True  # mix past events from a reservoir into each micro-batch
     replay_size: int = 20_000  # reservoir capacity (events)
     replay_ratio: float = 0.5  # replayed events per fresh event
-    anchor: str = "l2sp"  # pull dense weights towards the last published version: l2sp | none
-    anchor_strength: float = 1e-3  # L2-SP coefficient
+    # pull dense weights towards the last published version (l2sp), towards a slow moving
+    # average of themselves (ema, half-life anchor_halflife events), or not at all (none)
+    anchor: str = "l2sp"
+    anchor_strength: float = 1e-3  # coefficient of the squared distance to the anchor
+    anchor_halflife: float = 20_000.0  # ema: events for the average to move halfway
     adaptive_lr: bool = True  # scale the lr by recent loss drift (up on drift, down when calm)
     adaptive_lr_range: tuple[float, float] = (0.3, 3.0)  # bounds of the lr multiplier
     gate: bool = True  # refuse to publish when HR@10 on a recent holdout slice collapses
@@ -81,6 +84,8 @@ class ModelConfig:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.anchor_halflife <= 0:
+            raise ValueError(f"anchor_halflife must be positive events, got {self.anchor_halflife}")
         if self.item_tower not in ITEM_TOWERS:
             raise ValueError(f"item_tower must be one of {ITEM_TOWERS}, got {self.item_tower!r}")
         if self.base_dim <= 0:

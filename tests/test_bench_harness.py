@@ -405,7 +405,7 @@ def test_the_user_disjoint_heldout_users_never_return() -> None:
     assert [(c.user_id, c.item_id) for c in split.heldout] == [("x", "i8"), ("x", "i9")]
     assert split.heldout[1].history == tuple(f"i{n}" for n in range(9))  # i8 happened
     assert len(split.train) == 11 and {e.user_id for e in split.stream} == {"y", "w"}
-    big = synthetic_stream(300, 400, 8000, 2000, seed=3)
+    big = synthetic_stream(2000, 400, 3000, 0, seed=3)  # many users: some never return
     split = split_warmup(big.interactions, QualityConfig())
     stream_users = {e.user_id for e in split.stream}
     assert split.heldout and not {c.user_id for c in split.heldout} & stream_users
@@ -450,3 +450,22 @@ def test_recurring_drift_stream_regimes_and_probe() -> None:
             same[regime] += 1
         last[e.user_id] = topic[e.item_id]
     assert same["B"] == 0 and same["A"] > 1500  # B alternates between paired topics
+
+
+def test_runs_of_separate_seeds_merge_into_the_joint_result(tmp_path: Path) -> None:
+    common = ["--synthetic", "--events", "2000", "--methods", "popularity,itemknn", "--window",
+              "500", "--no-loo", "--drift-events", "400", "--drift-methods", "itemknn"]
+    for seed in ("0", "1"):
+        assert quality.main(common + ["--seeds", seed, "--out", str(tmp_path / seed),
+                                      "--raw-out", str(tmp_path / f"raw{seed}.json")]) == 0
+    assert quality.main(common + ["--seeds", "0,1", "--out", str(tmp_path / "joint")]) == 0
+    assert quality.main(["--merge", f"{tmp_path / 'raw0.json'},{tmp_path / 'raw1.json'}",
+                         "--out", str(tmp_path / "merged")]) == 0
+    joint = json.loads((tmp_path / "joint" / "quality.json").read_text())
+    merged = json.loads((tmp_path / "merged" / "quality.json").read_text())
+    for name in ("popularity", "itemknn"):
+        a, b = joint["methods"][name], merged["methods"][name]
+        assert a["hr@10_seeds"] == b["hr@10_seeds"] and a["hr@10_ci"] == b["hr@10_ci"]
+    assert merged["protocol"]["seeds"] == [0, 1]
+    assert merged["forgetting"]["recurring_drift"]["relative_drop"] == pytest.approx(
+        joint["forgetting"]["recurring_drift"]["relative_drop"])
