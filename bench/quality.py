@@ -900,6 +900,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--merge", default=None,
                         help="comma-separated raw files (--raw-out) of runs with other seeds: "
                         "write their combined quality.json/.png to --out and run nothing")
+    parser.add_argument("--drift-from", default=None,
+                        help="with --merge: take the recurring-drift runs from these raw files "
+                        "instead (comma-separated)")
     parser.add_argument("--no-drift", action="store_true",
                         help="skip the recurring-drift forgetting measure")
     parser.add_argument("--drift-methods", default=None,
@@ -966,6 +969,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.merge:
         raws = [json.loads(Path(f).read_text()) for f in args.merge.split(",") if f.strip()]
         raw = merge_raw(raws)
+        if args.drift_from:
+            raws = [json.loads(Path(f).read_text()) for f in args.drift_from.split(",") if f]
         drifts = [r["drift"] for r in raws if r.get("drift")]
         if drifts:
             from bench.drift import merge_drift_raw
