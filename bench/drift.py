@@ -148,10 +148,10 @@ def collect_drift(methods: Sequence[str], seeds: Sequence[int], per_regime: int,
 
 
 def merge_drift_raw(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Raw drift runs of other seeds as one."""
-    protocol = {**raws[0]["protocol"], "seeds": [s for r in raws for s in r["protocol"]["seeds"]]}
-    return {"protocol": protocol,
-            "runs": {m: [x for r in raws for x in r["runs"][m]] for m in raws[0]["runs"]}}
+    """Raw drift runs of other seeds or other methods as one (see `bench.quality.merge_raw`)."""
+    from bench.quality import merge_raw
+
+    return merge_raw(raws)
 
 
 def summarize_drift(raw: dict[str, Any]) -> dict[str, Any]:

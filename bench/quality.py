@@ -753,11 +753,21 @@ def collect(
 
 
 def merge_raw(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Raw runs of the same protocol and methods, seeds apart, as one raw result."""
-    first = raws[0]
-    protocol = {**first["protocol"], "seeds": [s for r in raws for s in r["protocol"]["seeds"]]}
-    runs = {name: [run for r in raws for run in r["runs"][name]] for name in first["runs"]}
-    return {"protocol": protocol, "runs": runs}
+    """Raw runs of the same protocol from several processes as one raw result: other seeds,
+    other methods, or both. Every method must have run with every seed."""
+    protocol = dict(raws[0]["protocol"])
+    table: dict[str, dict[int, Any]] = {}
+    for raw in raws:
+        for name, runs in raw["runs"].items():
+            for seed, run in zip(raw["protocol"]["seeds"], runs, strict=True):
+                table.setdefault(name, {})[seed] = run
+    seeds = sorted({seed for by_seed in table.values() for seed in by_seed})
+    missing = [(name, s) for name, by_seed in table.items() for s in seeds if s not in by_seed]
+    if missing:
+        raise ValueError(f"no run of (method, seed) {missing}: every method needs every seed")
+    protocol["seeds"] = seeds
+    return {"protocol": protocol,
+            "runs": {name: [by_seed[s] for s in seeds] for name, by_seed in table.items()}}
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:

@@ -469,3 +469,17 @@ def test_runs_of_separate_seeds_merge_into_the_joint_result(tmp_path: Path) -> N
     assert merged["protocol"]["seeds"] == [0, 1]
     assert merged["forgetting"]["recurring_drift"]["relative_drop"] == pytest.approx(
         joint["forgetting"]["recurring_drift"]["relative_drop"])
+
+
+def test_raw_runs_of_other_methods_merge_too() -> None:
+    ds = tiny_dataset()
+    one = quality.collect(ds, ["popularity"], cfg(loo=False), seeds=[0, 1])
+    two = quality.collect(ds, ["itemknn"], cfg(loo=False), seeds=[0, 1])
+    both = quality.collect(ds, ["popularity", "itemknn"], cfg(loo=False), seeds=[0, 1])
+    merged = quality.summarize(quality.merge_raw([one, two]))
+    joint = quality.summarize(both)
+    assert list(merged["methods"]) == ["popularity", "itemknn"]
+    for name in ("popularity", "itemknn"):
+        assert merged["methods"][name]["hr@10_seeds"] == joint["methods"][name]["hr@10_seeds"]
+    with pytest.raises(ValueError, match="every method needs every seed"):
+        quality.merge_raw([one, quality.collect(ds, ["itemknn"], cfg(loo=False), seeds=[0])])
