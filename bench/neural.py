@@ -245,11 +245,11 @@ def neural_factories(base: ModelConfig | None = None) -> dict[str, Any]:
     return {
         "incremental": make("incremental"),
         "incremental-no-replay": make("incremental-no-replay", replay=False),
-        "incremental-no-anchor": make("incremental-no-anchor", anchor="none"),
+        "incremental-anchor": make("incremental-anchor", anchor="l2sp"),
+        "incremental-adaptive-lr": make("incremental-adaptive-lr", adaptive_lr=True),
         # the anchor redesigned: a slow moving average instead of the last publish (issue 10)
         "incremental-anchor-ema": make("incremental-anchor-ema", anchor="ema",
                                        anchor_strength=1e-2),
-        "incremental-no-adaptive-lr": make("incremental-no-adaptive-lr", adaptive_lr=False),
         "incremental-id-only": make("incremental-id-only", text=False, id_embedding=True),
         "retrain": lambda catalog, qcfg: Retrain(replace(base, seed=qcfg.seed),
                                                  passes=max(1, qcfg.warmup_passes)),

@@ -207,9 +207,9 @@ register("river_mf", lambda catalog, cfg: RiverMF(seed=cfg.seed))
 NEURAL_METHODS = (
     "incremental",
     "incremental-no-replay",
-    "incremental-no-anchor",
-    "incremental-anchor-ema",
-    "incremental-no-adaptive-lr",
+    "incremental-anchor",  # the L2-SP anchor on (off by default)
+    "incremental-adaptive-lr",  # the adaptive lr on (off by default)
+    "incremental-anchor-ema",  # the anchor toward a slow moving average (opt-in)
     "incremental-id-only",
     "retrain",
 )

@@ -183,7 +183,7 @@ def test_per_event_update_does_not_depend_on_the_event_rate(tiny_encoder, mode) 
 
 
 def test_anchor_penalty_is_zero_at_the_anchor_and_grows_away(tiny_encoder) -> None:
-    learner = make(tiny_encoder, anchor_strength=1.0)
+    learner = make(tiny_encoder, anchor="l2sp", anchor_strength=1.0)
     learner.learn(stream(100))
     learner.mark_published()
     assert float(learner._anchor_penalty()) == 0.0
@@ -217,7 +217,7 @@ def test_ema_anchor_trails_the_weights_with_its_half_life(tiny_encoder) -> None:
 
 
 def test_adaptive_lr_rises_on_drift_and_stays_fixed_when_off(tiny_encoder) -> None:
-    ada = make(tiny_encoder, step_events=100)
+    ada = make(tiny_encoder, adaptive_lr=True, step_events=100)
     fixed = make(tiny_encoder, adaptive_lr=False, step_events=100)
     for s in range(0, 2000, 100):
         ada.learn(stream(100, s))
