@@ -20,6 +20,7 @@ from freshrec.data import Interaction, Item
 
 __all__ = [
     "Catalog",
+    "ImplicitALS",
     "ItemKNN",
     "Popularity",
     "RiverMF",
@@ -110,11 +111,20 @@ def top_k(
 
 
 class Popularity:
-    """Most-interacted items so far (all-time streaming counts)."""
+    """Most-interacted items so far, each event's count decaying with age.
+
+    An event `a` events old counts ``0.5 ** (a / halflife)``: the same exponential forgetting,
+    in events, as the item-frequency estimate behind the neural model's logQ correction
+    (`ModelConfig.logq_halflife`, 5,000 events), so both see the same notion of "popular now".
+    ``halflife=0`` counts all time (the old baseline, `popularity-alltime`).
+    """
 
     name = "popularity"
 
-    def __init__(self) -> None:
+    def __init__(self, halflife: float = 0.0) -> None:
+        if halflife < 0:
+            raise ValueError(f"halflife must be >= 0 events (0: all time), got {halflife}")
+        self.halflife = halflife
         self.catalog = Catalog()
         self.counts = np.zeros(0)
 
@@ -133,7 +143,12 @@ class Popularity:
         """Count each event's item."""
         idx = self.catalog.add([e.item_id for e in batch])
         self._grow()
-        np.add.at(self.counts, idx, 1.0)
+        if self.halflife > 0:
+            n = len(idx)
+            self.counts *= 0.5 ** (n / self.halflife)
+            np.add.at(self.counts, idx, 0.5 ** (np.arange(n - 1, -1, -1) / self.halflife))
+        else:
+            np.add.at(self.counts, idx, 1.0)
 
     def rank_batch(
         self, histories: Sequence[Sequence[str]], k: int, exclude: Sequence[Collection[str]]
@@ -324,4 +339,112 @@ class RiverMF:
                 if rows:
                     user_vecs[b] = self.item_factors[rows].mean(axis=0)
         scores = user_vecs @ self.item_factors.T + self.item_bias  # (B, n)
+        return top_k(scores, k, exclude, self.catalog)
+
+
+class ImplicitALS:
+    """The batch-training peer: `implicit`'s ALS refitted from scratch every `retrain_every` events.
+
+    Between refits the item factors stay fixed and each ranked user is folded in with one exact
+    ALS user step over the items they interacted with (those learned plus the history the
+    harness passes): ``x_u = (YᵀY + (alpha - 1) Y_uᵀY_u + reg I)⁻¹ alpha Y_uᵀ 1``, so a new
+    user or a user's newest events count at once, as they do for the streaming methods.
+    Until the first fit it ranks by popularity. Hyperparameters and `retrain_every` were chosen
+    on the ML-100K dev split (bench/RESULTS.md, "Honest quality").
+    """
+
+    name = "als"
+    wants_user_ids = True
+
+    def __init__(self, factors: int = 64, regularization: float = 0.05, alpha: float = 1.0,
+                 iterations: int = 15, retrain_every: int = 5000, seed: int = 0) -> None:
+        if retrain_every < 1 or factors < 1 or alpha < 1:
+            raise ValueError("retrain_every and factors must be >= 1, alpha >= 1")
+        self.factors, self.regularization, self.alpha = factors, regularization, alpha
+        self.iterations, self.retrain_every, self.seed = iterations, retrain_every, seed
+        self.catalog = Catalog()
+        self.counts = np.zeros(0)
+        self.users: dict[str, int] = {}
+        self.user_items: dict[str, set[int]] = {}
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+        self.item_factors: np.ndarray | None = None  # (n_items_at_fit, f)
+        self.since_fit = 0
+        self.fits = 0
+
+    def _grow(self) -> None:
+        if len(self.catalog) > len(self.counts):
+            self.counts = np.concatenate([self.counts, np.zeros(len(self.catalog) - len(self.counts))])
+
+    def add_items(self, items: Sequence[Item]) -> None:
+        """Make items known (zero factors until a fit has seen them)."""
+        self.catalog.add([it.item_id for it in items])
+        self._grow()
+
+    def learn(self, batch: Sequence[Interaction]) -> None:
+        """Record the events; refit once `retrain_every` events arrived since the last fit."""
+        idx = self.catalog.add([e.item_id for e in batch])
+        self._grow()
+        np.add.at(self.counts, idx, 1.0)
+        for event, i in zip(batch, idx.tolist(), strict=True):
+            u = self.users.setdefault(event.user_id, len(self.users))
+            self.user_items.setdefault(event.user_id, set()).add(i)
+            self.rows.append(u)
+            self.cols.append(i)
+        self.since_fit += len(batch)
+        if self.since_fit >= self.retrain_every:
+            self.fit()
+
+    def fit(self) -> None:
+        """Retrain from scratch on every event learned so far."""
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
+
+        n_users, n_items = max(len(self.users), 1), len(self.catalog)
+        mat = sp.csr_matrix((np.ones(len(self.rows), dtype=np.float32), (self.rows, self.cols)),
+                            shape=(n_users, n_items))
+        mat.data[:] = 1.0  # a repeat counts once, as the exclusions do
+        with threadpool_limits(1):
+            model = AlternatingLeastSquares(
+                factors=self.factors, regularization=self.regularization, alpha=self.alpha,
+                iterations=self.iterations, num_threads=1, random_state=self.seed + self.fits,
+            )
+            model.fit(mat, show_progress=False)
+        self.item_factors = np.asarray(model.item_factors, dtype=np.float64)
+        self.since_fit = 0
+        self.fits += 1
+
+    def rank_batch(
+        self, histories: Sequence[Sequence[str]], k: int, exclude: Sequence[Collection[str]],
+        users: Sequence[str] | None = None,
+    ) -> list[list[str]]:
+        """Fold each user in over their items, then score every item by ``x_u . y_i``."""
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):  # small solves: a BLAS thread pool only waits on busy cores
+            return self._rank(histories, k, exclude, users)
+
+    def _rank(
+        self, histories: Sequence[Sequence[str]], k: int, exclude: Sequence[Collection[str]],
+        users: Sequence[str] | None,
+    ) -> list[list[str]]:
+        n = len(self.catalog)
+        pop = 1e-9 * self.counts / max(1.0, float(self.counts.max()) if n else 1.0)
+        scores = np.tile(pop, (len(histories), 1))  # (B, n)
+        if self.item_factors is None and self.rows:
+            self.fit()
+        y = self.item_factors
+        if y is not None:
+            y = np.vstack([y, np.zeros((n - len(y), y.shape[1]))]) if len(y) < n else y
+            gram = y.T @ y + self.regularization * np.eye(y.shape[1])
+            for b, hist in enumerate(histories):
+                items = set(self.catalog.known(hist))
+                if users is not None:
+                    items |= self.user_items.get(users[b], set())
+                if not items:
+                    continue
+                yu = y[sorted(items)]
+                x = np.linalg.solve(gram + (self.alpha - 1.0) * yu.T @ yu,
+                                    self.alpha * yu.sum(axis=0))
+                scores[b] += y @ x
         return top_k(scores, k, exclude, self.catalog)

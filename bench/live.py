@@ -41,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from bench.stats import paired_ratio_ci
 from freshrec.data import Dataset, Interaction, hash_ties, load_movielens, ml100k_dir
 
 K = 10
@@ -314,7 +315,7 @@ def offline(ds: Dataset, events: Sequence[Interaction], n_warm: int, rate: float
 
     # ties="id" keeps `events` in the order given (the live order); seed 0 is the trainer's
     # model seed, so both sides start from the same initialisation
-    cfg = quality.QualityConfig(rate=rate, warmup_events=n_warm, holdout=False, per_event=True,
+    cfg = quality.QualityConfig(rate=rate, warmup_events=n_warm, holdout="none", per_event=True,
                                 loo=False, window=max(1, len(events) - n_warm), ties="id",
                                 seed=0)
     data = replace(ds, interactions=list(events))
@@ -374,22 +375,12 @@ def run(rates: Sequence[float], scored: int, max_get_rate: float, seed: int, hom
             "runs": runs}
 
 
-def _paired_ci(live: Sequence[float], off: Sequence[float], base: float,
-               draws: int = 2000) -> list[float] | None:
+def _paired_ci(live: Sequence[float], off: Sequence[float], base: float) -> list[float] | None:
     """95% paired-bootstrap interval of live HR / offline HR - 1 over the scored events."""
-    import random
-
     n = min(len(live), len(off))
     if not n or not base:
         return None
-    rng = random.Random(0)
-    rel = []
-    for _ in range(draws):
-        idx = [rng.randrange(n) for _ in range(n)]
-        a, b = sum(live[i] for i in idx), sum(off[i] for i in idx)
-        rel.append(a / b - 1 if b else 0.0)
-    rel.sort()
-    return [rel[int(0.025 * draws)], rel[int(0.975 * draws)]]
+    return paired_ratio_ci(list(live[:n]), list(off[:n]))["ci"]  # type: ignore[return-value]
 
 
 def _machine() -> str:

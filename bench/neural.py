@@ -247,6 +247,9 @@ def neural_factories(base: ModelConfig | None = None) -> dict[str, Any]:
         "incremental-no-replay": make("incremental-no-replay", replay=False),
         "incremental-anchor": make("incremental-anchor", anchor="l2sp"),
         "incremental-adaptive-lr": make("incremental-adaptive-lr", adaptive_lr=True),
+        # the anchor redesigned: a slow moving average instead of the last publish (issue 10)
+        "incremental-anchor-ema": make("incremental-anchor-ema", anchor="ema",
+                                       anchor_strength=1e-2),
         "incremental-id-only": make("incremental-id-only", text=False, id_embedding=True),
         "retrain": lambda catalog, qcfg: Retrain(replace(base, seed=qcfg.seed),
                                                  passes=max(1, qcfg.warmup_passes)),

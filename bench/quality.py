@@ -40,7 +40,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.baselines import ItemKNN, Popularity, RiverMF, StreamingRecommender
+from bench.baselines import ImplicitALS, ItemKNN, Popularity, RiverMF, StreamingRecommender
+from bench.stats import mean_ci, paired_ratio_ci, relative_drop_ci
 from freshrec.data import (
     Dataset,
     Interaction,
@@ -51,8 +52,10 @@ from freshrec.data import (
     synthetic_stream,
 )
 from model.batching import BatchPolicy, arrival_batches
+from model.config import ModelConfig
 
 __all__ = [
+    "DEFAULT_METHODS",
     "METHODS",
     "Case",
     "FrozenAfterWarmup",
@@ -62,7 +65,9 @@ __all__ = [
     "forgetting",
     "frozen_after_warmup",
     "leave_one_out",
+    "collect",
     "main",
+    "merge_raw",
     "ndcg_at",
     "prequential",
     "rank_cases",
@@ -70,6 +75,7 @@ __all__ = [
     "run_method",
     "run_quality",
     "split_warmup",
+    "summarize",
     "write_outputs",
 ]
 
@@ -98,7 +104,13 @@ class QualityConfig:
     # the dataset's (ts, user, item id) order, which leaks the next item (the id grows)
     ties: str = "hash"
     warmup_events: int | None = None  # exactly this many warm-up events (overrides warmup_frac)
-    holdout: bool = True  # hold out each warm-up user's last warm-up event (forgetting)
+    # Held-out warm-up events that measure forgetting, never trained on. "disjoint": the last
+    # `holdout_frac` (at least one) of the warm-up events of each warm-up user who never returns
+    # in the stream, so the stream cannot teach their answers again (backward transfer), only
+    # forget them; "last": each warm-up user's last warm-up event (the old, confounded set);
+    # "none": hold nothing out
+    holdout: str = "disjoint"
+    holdout_frac: float = 0.1
     per_event: bool = False  # keep every stream event's hit and NDCG in the result
     batch_window_s: float = BatchPolicy.window_s
     publish_interval_s: float = 0.25
@@ -113,6 +125,10 @@ class QualityConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_passes < 0 or self.loo_passes < 0:
             raise ValueError("warmup_passes and loo_passes must be >= 0")
+        if self.holdout not in ("disjoint", "last", "none"):
+            raise ValueError(f"holdout must be disjoint, last or none, got {self.holdout!r}")
+        if not 0.0 < self.holdout_frac <= 1.0:
+            raise ValueError(f"holdout_frac must lie in (0, 1], got {self.holdout_frac}")
         if self.ties not in ("hash", "id"):
             raise ValueError(f"ties must be hash or id, got {self.ties!r}")
         if self.rate is not None and self.rate <= 0:
@@ -179,8 +195,13 @@ def _end_warmup(model: StreamingRecommender) -> None:
         hook()
 
 
-register("popularity", lambda catalog, cfg: Popularity())
+# The model's logQ half-life, read from the dataclass default so torch is not imported here
+register("popularity", lambda catalog, cfg: Popularity(halflife=ModelConfig.logq_halflife))
+register("popularity-alltime", lambda catalog, cfg: Popularity())
 register("itemknn", lambda catalog, cfg: ItemKNN())
+register("als", lambda catalog, cfg: ImplicitALS(seed=cfg.seed))
+# Not in the default table: under-trained online MF (LOO HR@10 like popularity's); `als` is the
+# matrix-factorisation peer now (bench/RESULTS.md, "Honest quality")
 register("river_mf", lambda catalog, cfg: RiverMF(seed=cfg.seed))
 
 NEURAL_METHODS = (
@@ -188,6 +209,7 @@ NEURAL_METHODS = (
     "incremental-no-replay",
     "incremental-anchor",  # the L2-SP anchor on (off by default)
     "incremental-adaptive-lr",  # the adaptive lr on (off by default)
+    "incremental-anchor-ema",  # the anchor toward a slow moving average (opt-in)
     "incremental-id-only",
     "retrain",
 )
@@ -207,6 +229,9 @@ def _neural(name: str) -> MethodFactory:
 register("static", frozen_after_warmup(_neural("incremental")))
 for _name in NEURAL_METHODS:
     register(_name, _neural(_name))
+
+# What `--methods` runs when not given (river_mf is registered but not run; see above)
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("river_mf", "popularity-alltime"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,16 +285,30 @@ def rank_cases(model: StreamingRecommender, cases: Sequence[Case], k: int) -> li
     return model.rank_batch(histories, k, exclude)
 
 
+def score_cases(
+    model: StreamingRecommender, cases: Sequence[Case], k: int, batch: int = 512
+) -> list[tuple[float, float]]:
+    """(hit, NDCG) of `model` on each of `cases`, ranked `batch` at a time, without learning."""
+    out: list[tuple[float, float]] = []
+    for start in range(0, len(cases), batch):
+        chunk = cases[start : start + batch]
+        for case, ranked in zip(chunk, rank_cases(model, chunk, k), strict=True):
+            out.append(ndcg_at(ranked, case.item_id, k))
+    return out
+
+
+def _totals(values: Sequence[tuple[float, float]]) -> Scores:
+    scores = Scores()
+    for hit, gain in values:
+        scores.add(hit, gain)
+    return scores
+
+
 def evaluate(
     model: StreamingRecommender, cases: Sequence[Case], k: int, batch: int = 512
 ) -> Scores:
     """HR/NDCG of `model` on `cases`, ranked `batch` at a time, without learning."""
-    scores = Scores()
-    for start in range(0, len(cases), batch):
-        chunk = cases[start : start + batch]
-        for case, ranked in zip(chunk, rank_cases(model, chunk, k), strict=True):
-            scores.add(*ndcg_at(ranked, case.item_id, k))
-    return scores
+    return _totals(score_cases(model, cases, k, batch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,17 +360,35 @@ class WarmupSplit:
     all_warmup: list[Interaction]
 
 
+def _heldout_positions(warm: Sequence[Interaction], stream: Sequence[Interaction],
+                       cfg: QualityConfig) -> set[int]:
+    """Positions in `warm` held out for the forgetting measure (see `QualityConfig.holdout`).
+
+    Only users with at least two warm-up events lose any: one is always trained on.
+    """
+    if cfg.holdout == "none":
+        return set()
+    positions: dict[str, list[int]] = defaultdict(list)
+    for pos, event in enumerate(warm):
+        positions[event.user_id].append(pos)
+    if cfg.holdout == "last":
+        return {pos[-1] for pos in positions.values() if len(pos) >= 2}
+    returning = {e.user_id for e in stream}
+    held: set[int] = set()
+    for user, pos in positions.items():
+        if user in returning or len(pos) < 2:
+            continue
+        n = min(len(pos) - 1, max(1, round(cfg.holdout_frac * len(pos))))
+        held.update(pos[-n:])
+    return held
+
+
 def split_warmup(events: Sequence[Interaction], cfg: QualityConfig) -> WarmupSplit:
     """Split time-ordered `events` into warm-up (train + held-out) and stream."""
     n_warm = cfg.warmup_events or int(len(events) * cfg.warmup_frac)
     n_warm = max(1, min(len(events) - 1, n_warm))
     warm, stream = list(events[:n_warm]), list(events[n_warm:])
-    last: dict[str, int] = {}
-    count: dict[str, int] = defaultdict(int)
-    for pos, event in enumerate(warm):
-        last[event.user_id] = pos
-        count[event.user_id] += 1
-    held_pos = {pos for user, pos in last.items() if count[user] >= 2} if cfg.holdout else set()
+    held_pos = _heldout_positions(warm, stream, cfg)
     hist = _Histories(cfg.history_len)
     train, heldout = [], []
     for pos, event in enumerate(warm):
@@ -403,8 +460,7 @@ def prequential(
         for case, top in zip(cases, ranked, strict=True):
             hit, gain = ndcg_at(top, case.item_id, k)
             result.overall.add(hit, gain)
-            if cfg.per_event:
-                result.per_event.append((hit, gain))
+            result.per_event.append((hit, gain))
             window.add(hit, gain)
             new_user = case.user_id not in warm_users
             cold_item = case.item_id not in warm_items
@@ -441,13 +497,18 @@ def forgetting(
 
     ``relative_drop = (hr_static - hr_incremental) / hr_static``: positive when the model that
     kept learning lost old knowledge, negative when it gained; None when the static HR is 0.
+    ``ci``: its paired 95% bootstrap interval over the held-out events.
     """
-    static = evaluate(static_model, heldout, k).as_dict(k)
-    incremental = evaluate(incremental_model, heldout, k).as_dict(k)
+    before = score_cases(static_model, heldout, k)
+    after = score_cases(incremental_model, heldout, k)
+    static, incremental = _totals(before).as_dict(k), _totals(after).as_dict(k)
     hr_s, hr_i = static[f"hr@{k}"], incremental[f"hr@{k}"]
     drop = (hr_s - hr_i) / hr_s if hr_s > 0 else None
     return {
         "relative_drop": drop,
+        "ci": relative_drop_ci([h for h, _ in before], [h for h, _ in after])["ci"],
+        "_before": [h for h, _ in before],  # per-event hits, pooled over seeds then dropped
+        "_after": [h for h, _ in after],
         f"static_hr@{k}": hr_s,
         f"incremental_hr@{k}": hr_i,
         f"static_ndcg@{k}": static[f"ndcg@{k}"],
@@ -466,7 +527,8 @@ def leave_one_out(
 
     Users with fewer than three events only contribute training events. Training runs over the
     remaining events in time order (`loo_passes` passes). The test case's history is everything
-    before it (validation included); its exclusions are the user's other items.
+    before it (validation included); its exclusions are the user's other items. The test cases
+    are scored again without any exclusion (``seen_included``), as RecBole's full ranking does.
     """
     t_start = time.perf_counter()
     by_user: dict[str, list[int]] = defaultdict(list)
@@ -494,11 +556,21 @@ def leave_one_out(
     model.add_items(catalog)
     learn_s = _learn_passes(model, train, cfg, cfg.loo_passes)
     k = cfg.k
-    test = evaluate(model, tests, k, cfg.eval_batch).as_dict(k)
+    test_values = score_cases(model, tests, k, cfg.eval_batch)
+    test = _totals(test_values).as_dict(k)
     val = evaluate(model, vals, k, cfg.eval_batch).as_dict(k)
+    # RecBole's full ranking keeps the user's earlier items among the candidates
+    full = [replace(c, exclude=frozenset()) for c in tests]
+    full_values = score_cases(model, full, k, cfg.eval_batch)
+    seen_included = _totals(full_values).as_dict(k)
     return {
         f"hr@{k}": test[f"hr@{k}"],
         f"ndcg@{k}": test[f"ndcg@{k}"],
+        "seen_included": {
+            f"hr@{k}": seen_included[f"hr@{k}"], f"ndcg@{k}": seen_included[f"ndcg@{k}"],
+            "_per_event": full_values,
+        },
+        "_per_event": test_values,
         f"val_hr@{k}": val[f"hr@{k}"],
         f"val_ndcg@{k}": val[f"ndcg@{k}"],
         "n_users": test["n"],
@@ -559,6 +631,7 @@ def run_method(
         "windows": stream.windows,
         "forgetting": forgot,
     }
+    out["_per_event"] = stream.per_event  # pooled over seeds for the intervals, then dropped
     if cfg.per_event:
         out["per_event"] = stream.per_event
     stats = getattr(model, "stats", None)
@@ -569,68 +642,198 @@ def run_method(
     return out
 
 
+def _mean_tree(values: Sequence[Any]) -> Any:
+    """The mean over seeds of results of the same shape: numbers are averaged leaf by leaf;
+    anything else (strings, Nones, lists of different lengths) is taken from the first seed."""
+    first = values[0]
+    if all(isinstance(v, dict) for v in values) and all(v.keys() == first.keys() for v in values):
+        return {key: _mean_tree([v[key] for v in values]) for key in first}
+    if all(isinstance(v, list) for v in values) and all(len(v) == len(first) for v in values):
+        return [_mean_tree([v[i] for v in values]) for i in range(len(first))]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return sum(values) / len(values)
+    return first
+
+
+def _column(runs: Sequence[Sequence[tuple[float, float]]], col: int) -> list[list[float]]:
+    return [[row[col] for row in run] for run in runs]
+
+
+def _with_cis(out: dict[str, Any], runs: Sequence[Sequence[tuple[float, float]]], k: int) -> None:
+    """Add ``hr@k_ci`` and ``ndcg@k_ci`` (95%, bootstrap over events, pooled over seeds)."""
+    for col, metric in ((0, f"hr@{k}"), (1, f"ndcg@{k}")):
+        _, out[f"{metric}_ci"] = mean_ci(_column(runs, col))
+
+
+def _merge_seeds(per_seed: Sequence[dict[str, Any]], seeds: Sequence[int], k: int
+                 ) -> dict[str, Any]:
+    """One method's result over seeds: means, per-seed headline numbers and 95% intervals."""
+    stream = [r.pop("_per_event") for r in per_seed]
+    before = [r["forgetting"].pop("_before") for r in per_seed]
+    after = [r["forgetting"].pop("_after") for r in per_seed]
+    loo = [r["loo"].pop("_per_event") for r in per_seed if "loo" in r]
+    loo_full = [r["loo"]["seen_included"].pop("_per_event") for r in per_seed if "loo" in r]
+    out: dict[str, Any] = _mean_tree(list(per_seed))
+    _with_cis(out, stream, k)
+    out["seeds"] = list(seeds)
+    for metric in (f"hr@{k}", f"ndcg@{k}"):
+        out[f"{metric}_seeds"] = [r[metric] for r in per_seed]
+    drop = relative_drop_ci(before, after)
+    out["forgetting"].update(drop)
+    if loo:
+        _with_cis(out["loo"], loo, k)
+        _with_cis(out["loo"]["seen_included"], loo_full, k)
+    out["_runs"] = stream
+    return out
+
+
 def run_quality(
     dataset: Dataset,
     methods: Sequence[str],
     cfg: QualityConfig,
     log: Callable[[str], None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Run every named method; the result is what quality.json holds."""
+    """Run every named method once per seed; the result is what quality.json holds.
+
+    A seed sets both the same-second tie order and the methods' initialisation (`cfg.seed`);
+    None runs `cfg.seed` alone. Each method's numbers are means over the seeds with 95%
+    bootstrap intervals over the scored events (`bench.stats`); ``comparisons`` holds the
+    paired relative gain of `incremental` over every other method run.
+    """
+    return summarize(collect(dataset, methods, cfg, log, seeds))
+
+
+def collect(
+    dataset: Dataset,
+    methods: Sequence[str],
+    cfg: QualityConfig,
+    log: Callable[[str], None] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """The raw runs behind `run_quality`: per method, one result per seed with its per-event
+    hits. Raw runs of different seeds (other processes) combine with `merge_raw`."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; registered: {sorted(METHODS)}")
-    events = ordered_events(dataset, cfg)
-    split = split_warmup(events, cfg)
-    protocol = {
-        "dataset": dataset.name,
-        "n_events": len(events),
-        "n_users": len({e.user_id for e in events}),
-        "n_items": len(dataset.items),
-        "warmup_events": len(split.all_warmup),
-        "heldout_events": len(split.heldout),
-        "stream_events": len(split.stream),
-        **asdict(cfg),
-        "description": (
-            "prequential: rank top-k for each stream event from the state before its "
-            "micro-batch, then learn the batch; excluded: the user's earlier items"
-        ),
-    }
-    results: dict[str, Any] = {}
-    for name in methods:
-        results[name] = run_method(name, METHODS[name], dataset, events, cfg)
-        if log is not None:
-            log(f"{name}: done in {results[name]['wall_s']:.1f} s")
+    seeds = list(seeds) if seeds else [cfg.seed]
+    k = cfg.k
+    per_method: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
+    protocol: dict[str, Any] = {}
+    for seed in seeds:
+        scfg = replace(cfg, seed=seed)
+        events = ordered_events(dataset, scfg)
+        split = split_warmup(events, scfg)
+        if not protocol:
+            protocol = {
+                **asdict(cfg),
+                "dataset": dataset.name,
+                "n_events": len(events),
+                "n_users": len({e.user_id for e in events}),
+                "n_items": len(dataset.items),
+                "warmup_events": len(split.all_warmup),
+                "heldout_events": len(split.heldout),
+                "heldout_users": len({c.user_id for c in split.heldout}),
+                "stream_events": len(split.stream),
+                "seeds": seeds,
+                "description": (
+                    "prequential: rank top-k for each stream event from the state before its "
+                    "micro-batch, then learn the batch; excluded: the user's earlier items. "
+                    "Each seed orders same-second ties and initialises the models; numbers are "
+                    "means over seeds, intervals 95% bootstrap over events pooled over seeds"
+                ),
+            }
+            protocol.pop("seed")
+        for name in methods:
+            res = run_method(name, METHODS[name], dataset, events, scfg)
+            per_method[name].append(res)
+            if log is not None:
+                log(f"seed {seed} {name}: HR@{k} {res[f'hr@{k}']:.4f} in {res['wall_s']:.1f} s")
+    return {"protocol": protocol, "runs": per_method}
+
+
+def merge_raw(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Raw runs of the same protocol from several processes as one raw result: other seeds,
+    other methods, or both. Every method must have run with every seed."""
+    protocol = dict(raws[0]["protocol"])
+    table: dict[str, dict[int, Any]] = {}
+    for raw in raws:
+        for name, runs in raw["runs"].items():
+            for seed, run in zip(raw["protocol"]["seeds"], runs, strict=True):
+                table.setdefault(name, {})[seed] = run
+    seeds = sorted({seed for by_seed in table.values() for seed in by_seed})
+    missing = [(name, s) for name, by_seed in table.items() for s in seeds if s not in by_seed]
+    if missing:
+        raise ValueError(f"no run of (method, seed) {missing}: every method needs every seed")
+    protocol["seeds"] = seeds
+    return {"protocol": protocol,
+            "runs": {name: [by_seed[s] for s in seeds] for name, by_seed in table.items()}}
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """What quality.json holds, from raw runs: means over seeds, intervals, comparisons."""
+    protocol, per_method = raw["protocol"], raw["runs"]
+    seeds, k = protocol["seeds"], protocol["k"]
+    methods = list(per_method)
+    results = {name: _merge_seeds(copy.deepcopy(runs), seeds, k)
+               for name, runs in per_method.items()}
+    comparisons: dict[str, Any] = {}
+    if "incremental" in results:
+        for name, res in results.items():
+            if name != "incremental":
+                comparisons[f"incremental_vs_{name}"] = paired_ratio_ci(
+                    _column(results["incremental"]["_runs"], 0), _column(res["_runs"], 0))
+    for res in results.values():
+        res.pop("_runs")
     pick = "incremental" if "incremental" in results else (methods[0] if methods else None)
     top_forgetting: dict[str, Any] = {"relative_drop": None}
     if pick is not None:
         top_forgetting = {"method": pick, **results[pick]["forgetting"]}
-    return {"protocol": protocol, "methods": results, "forgetting": top_forgetting}
+    return {"protocol": protocol, "methods": results, "comparisons": comparisons,
+            "forgetting": {**top_forgetting, "user_disjoint": top_forgetting}}
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
 
 
+def _ci(ci: Sequence[float] | None, fmt: str = ".4f") -> str:
+    return "-" if not ci else f"[{ci[0]:{fmt}},{ci[1]:{fmt}}]"
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of the headline numbers."""
+    """A plain-text table of the headline numbers (means over seeds, 95% intervals)."""
     k = result["protocol"]["k"]
     head = (
-        f"{'method':<28}{'HR@' + str(k):>8}{'NDCG@' + str(k):>9}{'new_usr':>9}{'cold_it':>9}"
-        f"{'rest':>8}{'forget':>8}{'LOO HR':>8}{'ev/s':>10}{'wall s':>8}"
+        f"{'method':<28}{'HR@' + str(k):>8}{'95% CI':>17}{'NDCG@' + str(k):>9}{'new_usr':>9}"
+        f"{'cold_it':>9}{'rest':>8}{'forget':>8}{'LOO HR':>8}{'LOO+seen':>9}{'ev/s':>10}"
+        f"{'wall s':>8}"
     )
     lines = [head, "-" * len(head)]
     for name, m in result["methods"].items():
         sl = m["slices"]
         drop = m["forgetting"]["relative_drop"]
         loo = m.get("loo", {}).get(f"hr@{k}")
+        loo_full = m.get("loo", {}).get("seen_included", {}).get(f"hr@{k}")
         eps = m["events_per_s"]
         lines.append(
-            f"{name:<28}{m[f'hr@{k}']:>8.4f}{m[f'ndcg@{k}']:>9.4f}"
+            f"{name:<28}{m[f'hr@{k}']:>8.4f}{_ci(m.get(f'hr@{k}_ci')):>17}{m[f'ndcg@{k}']:>9.4f}"
             f"{sl['new_users'][f'hr@{k}']:>9.4f}{sl['cold_items'][f'hr@{k}']:>9.4f}"
             f"{sl['rest'][f'hr@{k}']:>8.4f}{'-' if drop is None else f'{drop:+.3f}':>8}"
-            f"{'-' if loo is None else f'{loo:.4f}':>8}{'-' if eps is None else f'{eps:,.0f}':>10}"
-            f"{m['wall_s']:>8.1f}"
+            f"{'-' if loo is None else f'{loo:.4f}':>8}"
+            f"{'-' if loo_full is None else f'{loo_full:.4f}':>9}"
+            f"{'-' if eps is None else f'{eps:,.0f}':>10}{m['wall_s']:>8.1f}"
         )
+    for name, c in result.get("comparisons", {}).items():
+        gain = c["rel_gain"]
+        lines.append(f"{name}: {'-' if gain is None else f'{gain:+.2%}'} HR@{k}, 95% CI "
+                     f"{_ci(c['ci'], '+.2%')}")
+    for name, f in result.get("forgetting", {}).items():
+        if isinstance(f, dict):
+            drop = f.get("relative_drop")
+            lines.append(f"forgetting {name} ({f.get('method')}): "
+                         f"{'-' if drop is None else f'{drop:+.2%}'}, 95% CI "
+                         f"{_ci(f.get('ci'), '+.2%')}")
     return "\n".join(lines)
 
 
@@ -667,7 +870,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/out/quality", help="folder for quality.json/.png")
     parser.add_argument("--events", type=int, default=None, help="use only the first N events")
     parser.add_argument(
-        "--methods", default=None, help=f"comma-separated; default: all of {sorted(METHODS)}"
+        "--methods", default=None,
+        help=f"comma-separated; default: {','.join(DEFAULT_METHODS)}; also: "
+        f"{','.join(sorted(set(METHODS) - set(DEFAULT_METHODS)))}"
     )
     parser.add_argument(
         "--data", default=None, help="MovieLens folder (default: ML-100K, fetched once)"
@@ -695,6 +900,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the methods and the same-second tie order")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds, one run each (tie order and model init "
+                        "together), reported as means with 95%% intervals; overrides --seed")
+    parser.add_argument("--drift-events", type=int, default=10_000,
+                        help="events per regime of the recurring-drift stream (A, B, A)")
+    parser.add_argument("--raw-out", default=None,
+                        help="also write the raw per-seed runs (per-event hits) to this file")
+    parser.add_argument("--merge", default=None,
+                        help="comma-separated raw files (--raw-out) of runs with other seeds: "
+                        "write their combined quality.json/.png to --out and run nothing")
+    parser.add_argument("--drift-from", default=None,
+                        help="with --merge: take the recurring-drift runs from these raw files "
+                        "instead (comma-separated)")
+    parser.add_argument("--no-drift", action="store_true",
+                        help="skip the recurring-drift forgetting measure")
+    parser.add_argument("--drift-methods", default=None,
+                        help="methods run on the recurring-drift stream (default: those of "
+                        "--methods that learn after warm-up)")
     parser.add_argument("--ties", default="hash", choices=("hash", "id"),
                         help="order of a user's same-second events: seeded hash (default) or "
                         "item id (the old order, which leaks the next item)")
@@ -714,8 +937,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     methods = (
-        [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+        [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+        else list(DEFAULT_METHODS)
     )
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; registered: {', '.join(sorted(METHODS))}")
@@ -739,15 +964,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             small_batch=args.small_batch or neural.BASE_CONFIG.small_batch,
             item_tower=args.item_tower or neural.BASE_CONFIG.item_tower,
         )
-    if args.synthetic:
+    if args.merge:
+        dataset = None
+    elif args.synthetic:
         dataset = synthetic_stream(1000, 2000, args.events or 100_000, 20_000, args.seed)
     else:
         dataset = load_movielens(args.data or ml100k_dir())
+    assert dataset is not None or args.merge
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    result = run_quality(
-        dataset, methods, cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True)
-    )
+    if args.merge:
+        raws = [json.loads(Path(f).read_text()) for f in args.merge.split(",") if f.strip()]
+        raw = merge_raw(raws)
+        if args.drift_from:
+            raws = [json.loads(Path(f).read_text()) for f in args.drift_from.split(",") if f]
+        drifts = [r["drift"] for r in raws if r.get("drift")]
+        if drifts:
+            from bench.drift import merge_drift_raw
+
+            raw["drift"] = merge_drift_raw(drifts)
+    else:
+        raw = collect(dataset, methods, cfg, log=log, seeds=seeds)
+        if not args.no_drift:
+            from bench.drift import collect_drift
+
+            drift_methods = (
+                [m.strip() for m in args.drift_methods.split(",") if m.strip()]
+                if args.drift_methods else [m for m in methods if m != "static"]
+            )
+            raw["drift"] = collect_drift(drift_methods, seeds, args.drift_events, cfg, log=log)
+        if args.raw_out:
+            Path(args.raw_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.raw_out).write_text(json.dumps(raw))
+    result = summarize(raw)
+    if raw.get("drift"):
+        from bench.drift import summarize_drift
+
+        drift = summarize_drift(raw["drift"])
+        result["recurring_drift"] = drift
+        if drift["methods"]:
+            pick = "incremental" if "incremental" in drift["methods"] else next(iter(drift["methods"]))
+            result["forgetting"]["recurring_drift"] = {
+                "method": pick, **drift["methods"][pick]["forgetting"]}
     json_path, png_path = write_outputs(result, args.out)
     p = result["protocol"]
     print(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,7 +343,39 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules of the `bench` extra in pyproject.toml that the quality benchmark imports
+BENCH_EXTRA_MODULES = ("matplotlib", "scipy", "implicit", "threadpoolctl", "river")
+BENCH_EXTRA_HINT = "pip install -e '.[bench]'  (from a checkout; or: pip install 'freshrec[bench]')"
+
+
+def missing_bench_modules() -> list[str]:
+    """The bench extra's modules that cannot be imported here."""
+    import importlib.util
+
+    return [m for m in BENCH_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+
+
+def _bench_extra_message(which: str, missing: Sequence[str]) -> str:
+    return (f"freshrec bench {which} needs the 'bench' extra, which is not installed "
+            f"(missing: {', '.join(missing)}). Install it with:\n  {BENCH_EXTRA_HINT}")
+
+
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.which in ("quality", "live"):
+        missing = missing_bench_modules()
+        if missing:
+            print(_bench_extra_message(args.which, missing), file=sys.stderr)
+            return 2
+    try:
+        return _run_bench(args, rest)
+    except ModuleNotFoundError as exc:  # a module the check above does not know of
+        if exc.name and exc.name.split(".")[0] in BENCH_EXTRA_MODULES:
+            print(_bench_extra_message(args.which, [exc.name]), file=sys.stderr)
+            return 2
+        raise
+
+
+def _run_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.which == "quality":
         from bench import quality
 

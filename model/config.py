@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 POLICIES = ("head", "lora", "full")
-ANCHORS = ("l2sp", "none")
+ANCHORS = ("l2sp", "ema", "none")
 SMALL_BATCH = ("scale", "none")
 ITEM_TOWERS = ("mlp", "linear")
 
@@ -70,8 +70,11 @@ class ModelConfig:
     # Pull dense weights towards the last published version: l2sp | none. Off by default: at
     # this strength it left HR@10 identical to four decimals on the ML-100K dev split (0.1996
     # with and without at 20 events/s), so it guarded nothing (bench/RESULTS.md)
+    # "ema" (issue 10, opt-in): towards a slow moving average of the weights instead, half-life
+    # anchor_halflife events
     anchor: str = "none"
-    anchor_strength: float = 1e-3  # L2-SP coefficient
+    anchor_strength: float = 1e-3  # coefficient of the squared distance to the anchor
+    anchor_halflife: float = 20_000.0  # ema: events for the average to move halfway
     # Scale the lr by recent loss drift (up on drift, down when calm). Off by default: after the
     # warm-up the loss falls, so it mostly slowed learning down. ML-100K dev split HR@10 off / on:
     # 0.2027 / 0.1996 at 20 events/s (first 5,000 stream events 0.1874 / 0.1824, frozen 0.1804),
@@ -88,6 +91,8 @@ class ModelConfig:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if self.anchor_halflife <= 0:
+            raise ValueError(f"anchor_halflife must be positive events, got {self.anchor_halflife}")
         if self.item_tower not in ITEM_TOWERS:
             raise ValueError(f"item_tower must be one of {ITEM_TOWERS}, got {self.item_tower!r}")
         if self.base_dim <= 0:

@@ -239,6 +239,7 @@ class OnlineLearner:
         for _ in range(cfg.steps_per_batch):
             loss, penalty, grad_norm = self._step(examples)
         self._adapt_lr(loss, share)
+        self._move_ema_anchor(len(fresh))
         self._scorer = None
         if cfg.policy != "head":
             self._refresh_text()
@@ -319,6 +320,19 @@ class OnlineLearner:
             return torch.zeros((), device=self.device)
         return self.cfg.anchor_strength * sum(
             ((p - a) ** 2).sum() for p, a in zip(self._dense, self.anchor, strict=True))
+
+    def _move_ema_anchor(self, n: int) -> None:
+        """anchor="ema": the anchor trails the weights with a half-life of anchor_halflife
+        events, so it holds what the model knew over a long stretch, not 4 batches ago."""
+        if self.cfg.anchor != "ema":
+            return
+        if self.anchor is None:
+            self.anchor = [p.detach().clone() for p in self._dense]
+            return
+        keep = 0.5 ** (n / self.cfg.anchor_halflife)
+        with torch.no_grad():
+            for a, p in zip(self.anchor, self._dense, strict=True):
+                a.mul_(keep).add_(p.detach(), alpha=1.0 - keep)
 
     def _adapt_lr(self, loss: float, share: float = 1.0) -> None:
         """Loss above its long-run average means drift: learn faster; below it: calm down.
@@ -427,7 +441,8 @@ class OnlineLearner:
     def mark_published(self) -> None:
         """The current weights were published: they become the anchor, the rollback point and
         the gate's reference."""
-        self.anchor = [p.detach().clone() for p in self._dense]
+        if self.cfg.anchor != "ema":  # the ema anchor moves on its own clock
+            self.anchor = [p.detach().clone() for p in self._dense]
         self._published = {k: v.detach().clone() for k, v in self.state_tensors().items()}
         self._published_scorer = self.scorer()
         self._gate_hits, self._gate_published = [], []

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bench import quality
-from bench.baselines import Catalog, ItemKNN, Popularity, RiverMF, top_k
+from bench.baselines import Catalog, ImplicitALS, ItemKNN, Popularity, RiverMF, top_k
 from bench.quality import Case, QualityConfig, forgetting, ndcg_at, run_method, split_warmup
 from freshrec.data import Dataset, Interaction, Item, synthetic_stream
 
@@ -70,7 +70,7 @@ class Never:
 
 
 def cfg(**overrides: object) -> QualityConfig:
-    base: dict[str, object] = {"batch_size": 2, "window": 2, "loo": True}
+    base: dict[str, object] = {"batch_size": 2, "window": 2, "loo": True, "holdout": "last"}
     base.update(overrides)
     return QualityConfig(**base)  # type: ignore[arg-type]
 
@@ -306,18 +306,27 @@ def test_itemknn_beats_popularity_on_a_sequential_stream() -> None:
 def test_main_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "q"
     code = quality.main(["--synthetic", "--events", "3000", "--methods", "popularity,itemknn,river_mf",
-                         "--window", "500", "--out", str(out)])  # fmt: skip
+                         "--window", "500", "--out", str(out), "--seeds", "0,1",
+                         "--drift-events", "600", "--drift-methods", "popularity,itemknn"])  # fmt: skip
     assert code == 0
     result = json.loads((out / "quality.json").read_text())
-    assert set(result) == {"protocol", "methods", "forgetting"}
+    assert set(result) == {"protocol", "methods", "forgetting", "comparisons", "recurring_drift"}
     assert list(result["methods"]) == ["popularity", "itemknn", "river_mf"]
     for m in result["methods"].values():
         assert {"hr@10", "ndcg@10", "events_per_s", "wall_s", "slices", "windows", "loo"} <= set(m)
         assert set(m["slices"]) == {"new_users", "cold_items", "rest"}
-        assert set(m["loo"]) >= {"hr@10", "ndcg@10"}
+        assert set(m["loo"]) >= {"hr@10", "ndcg@10", "hr@10_ci", "seen_included"}
         assert len(m["windows"]) == 3 and m["events_per_s"] > 0
+        lo, hi = m["hr@10_ci"]
+        assert lo <= m["hr@10"] <= hi and len(m["hr@10_seeds"]) == 2
+        assert m["hr@10"] == pytest.approx(sum(m["hr@10_seeds"]) / 2)
+        assert not any(key.startswith("_") for key in m) and "_per_event" not in m["loo"]
     assert "relative_drop" in result["forgetting"]
+    assert {"user_disjoint", "recurring_drift"} <= set(result["forgetting"])
+    assert set(result["forgetting"]["recurring_drift"]) >= {"relative_drop", "ci"}
     assert result["protocol"]["n_events"] == 3000
+    assert result["protocol"]["seeds"] == [0, 1] and result["protocol"]["ties"] == "hash"
+    assert result["comparisons"] == {}  # nothing to compare without `incremental`
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "itemknn" in capsys.readouterr().out
 
@@ -364,3 +373,113 @@ def test_live_bench_offline_side_keeps_the_live_order() -> None:
         quality.METHODS.pop("recorder")
     assert Recorder.learned == events, "the offline side learned another order"
     assert len(per_event["recorder"]) == len(same_second)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decayed popularity, the user-disjoint held-out set, the ALS peer, the drift stream
+
+
+def test_popularity_decays_with_its_half_life() -> None:
+    pop = Popularity(halflife=1.0)
+    pop.add_items([Item(i, i, {}) for i in "ab"])
+    pop.learn([Interaction("u", "a", 0.0)] * 3)
+    assert pop.counts[0] == pytest.approx(0.25 + 0.5 + 1.0)  # the newest event counts 1
+    pop.learn([Interaction("u", "b", 1.0)] * 2)
+    assert pop.counts.tolist() == pytest.approx([1.75 * 0.25, 0.5 + 1.0])
+    assert pop.rank_batch([[]], 1, [set()]) == [["b"]]  # recent beats more but older
+    alltime = Popularity()
+    alltime.add_items([Item(i, i, {}) for i in "ab"])
+    alltime.learn([Interaction("u", "a", 0.0)] * 3 + [Interaction("u", "b", 1.0)] * 2)
+    assert alltime.rank_batch([[]], 1, [set()]) == [["a"]]
+    with pytest.raises(ValueError):
+        Popularity(halflife=-1.0)
+
+
+def test_the_user_disjoint_heldout_users_never_return() -> None:
+    rows = [("x", f"i{n}") for n in range(10)] + [("y", "i1"), ("y", "i2"), ("z", "i3")]
+    rows += [("y", "i5"), ("w", "i6")]  # the stream: y returns, w is new
+    events = [Interaction(u, i, float(t)) for t, (u, i) in enumerate(rows)]
+    config = QualityConfig(warmup_events=13, holdout_frac=0.2)
+    split = split_warmup(events, config)
+    # x never returns: its last 20% (2 events) are held out; y returns; z has one event only
+    assert [(c.user_id, c.item_id) for c in split.heldout] == [("x", "i8"), ("x", "i9")]
+    assert split.heldout[1].history == tuple(f"i{n}" for n in range(9))  # i8 happened
+    assert len(split.train) == 11 and {e.user_id for e in split.stream} == {"y", "w"}
+    big = synthetic_stream(2000, 400, 3000, 0, seed=3)  # many users: some never return
+    split = split_warmup(big.interactions, QualityConfig())
+    stream_users = {e.user_id for e in split.stream}
+    assert split.heldout and not {c.user_id for c in split.heldout} & stream_users
+    assert not {(c.user_id, c.item_id) for c in split.heldout} & {
+        (e.user_id, e.item_id) for e in split.train}
+
+
+def test_als_folds_users_in_and_retrains_every_w_events() -> None:
+    ds = synthetic_stream(60, 80, 3000, 0, seed=4, n_topics=4, topic_affinity=1.0)
+    als = ImplicitALS(factors=8, iterations=5, retrain_every=1000, seed=0)
+    als.add_items(ds.items)
+    for start in range(0, 3000, 250):
+        als.learn(ds.interactions[start : start + 250])
+    assert als.fits == 3
+    topic = {it.item_id: it.fields["topic"] for it in ds.items}
+    history = [it.item_id for it in ds.items if topic[it.item_id] == 0][:5]
+    ranked = als.rank_batch([history], 10, [set(history)], users=["a-new-user"])[0]
+    assert len(ranked) == 10 and not set(ranked) & set(history)
+    # a new user is folded in from their history alone: mostly the history's topic
+    assert sum(topic[i] == 0 for i in ranked) >= 7, [topic[i] for i in ranked]
+
+
+def test_recurring_drift_stream_regimes_and_probe() -> None:
+    from bench.drift import recurring_drift_stream
+
+    stream = recurring_drift_stream(n_users=50, n_items=160, per_regime=1000, seed=1,
+                                    n_topics=8, topic_affinity=1.0, probe_frac=0.2,
+                                    probe_events=3)
+    events = stream.dataset.interactions
+    assert [(r, s, e) for r, s, e in stream.bounds] == [("A", 0, 1000), ("B", 1000, 2000),
+                                                        ("A", 2000, 3000)]
+    probe_users = {events[p].user_id for p in stream.probe}
+    assert probe_users and all(int(u) < 10 for u in probe_users)
+    assert max(stream.probe) < 1000 and len(stream.probe) == 3 * len(probe_users)
+    assert not probe_users & {e.user_id for e in events[1000:]}  # they never come back
+    topic = {it.item_id: it.fields["topic"] for it in stream.dataset.items}
+    last: dict[str, int] = {}
+    same = {"A": 0, "B": 0}
+    for pos, e in enumerate(events):
+        regime = "A" if pos < 1000 or pos >= 2000 else "B"
+        if e.user_id in last and last[e.user_id] == topic[e.item_id]:
+            same[regime] += 1
+        last[e.user_id] = topic[e.item_id]
+    assert same["B"] == 0 and same["A"] > 1500  # B alternates between paired topics
+
+
+def test_runs_of_separate_seeds_merge_into_the_joint_result(tmp_path: Path) -> None:
+    common = ["--synthetic", "--events", "2000", "--methods", "popularity,itemknn", "--window",
+              "500", "--no-loo", "--drift-events", "400", "--drift-methods", "itemknn"]
+    for seed in ("0", "1"):
+        assert quality.main(common + ["--seeds", seed, "--out", str(tmp_path / seed),
+                                      "--raw-out", str(tmp_path / f"raw{seed}.json")]) == 0
+    assert quality.main(common + ["--seeds", "0,1", "--out", str(tmp_path / "joint")]) == 0
+    assert quality.main(["--merge", f"{tmp_path / 'raw0.json'},{tmp_path / 'raw1.json'}",
+                         "--out", str(tmp_path / "merged")]) == 0
+    joint = json.loads((tmp_path / "joint" / "quality.json").read_text())
+    merged = json.loads((tmp_path / "merged" / "quality.json").read_text())
+    for name in ("popularity", "itemknn"):
+        a, b = joint["methods"][name], merged["methods"][name]
+        assert a["hr@10_seeds"] == b["hr@10_seeds"] and a["hr@10_ci"] == b["hr@10_ci"]
+    assert merged["protocol"]["seeds"] == [0, 1]
+    assert merged["forgetting"]["recurring_drift"]["relative_drop"] == pytest.approx(
+        joint["forgetting"]["recurring_drift"]["relative_drop"])
+
+
+def test_raw_runs_of_other_methods_merge_too() -> None:
+    ds = tiny_dataset()
+    one = quality.collect(ds, ["popularity"], cfg(loo=False), seeds=[0, 1])
+    two = quality.collect(ds, ["itemknn"], cfg(loo=False), seeds=[0, 1])
+    both = quality.collect(ds, ["popularity", "itemknn"], cfg(loo=False), seeds=[0, 1])
+    merged = quality.summarize(quality.merge_raw([one, two]))
+    joint = quality.summarize(both)
+    assert list(merged["methods"]) == ["popularity", "itemknn"]
+    for name in ("popularity", "itemknn"):
+        assert merged["methods"][name]["hr@10_seeds"] == joint["methods"][name]["hr@10_seeds"]
+    with pytest.raises(ValueError, match="every method needs every seed"):
+        quality.merge_raw([one, quality.collect(ds, ["itemknn"], cfg(loo=False), seeds=[0])])

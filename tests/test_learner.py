@@ -201,6 +201,21 @@ def test_anchor_penalty_is_zero_at_the_anchor_and_grows_away(tiny_encoder) -> No
     assert float(off._anchor_penalty()) == 0.0
 
 
+def test_ema_anchor_trails_the_weights_with_its_half_life(tiny_encoder) -> None:
+    learner = make(tiny_encoder, anchor="ema", anchor_strength=1.0, anchor_halflife=100.0)
+    learner.learn(stream(100))  # the first batch sets the anchor to the weights it left
+    start = [a.clone() for a in learner.anchor]
+    assert torch.equal(start[0], learner._dense[0].detach())
+    learner.mark_published()  # a publish does not move the ema anchor
+    assert torch.equal(learner.anchor[0], start[0])
+    learner.learn(stream(100, 100))  # 100 events = one half-life: halfway to the new weights
+    expected = 0.5 * start[0] + 0.5 * learner._dense[0].detach()
+    assert torch.allclose(learner.anchor[0], expected, atol=1e-6)
+    assert float(learner._anchor_penalty()) > 0
+    with pytest.raises(ValueError, match="anchor_halflife"):
+        ModelConfig(anchor="ema", anchor_halflife=0)
+
+
 def test_adaptive_lr_rises_on_drift_and_stays_fixed_when_off(tiny_encoder) -> None:
     ada = make(tiny_encoder, adaptive_lr=True, step_events=100)
     fixed = make(tiny_encoder, adaptive_lr=False, step_events=100)

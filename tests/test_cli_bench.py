@@ -1,0 +1,46 @@
+"""`freshrec bench` without the bench extra says which extra to install."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from freshrec import cli
+
+
+@pytest.mark.parametrize("which", ["quality", "live"])
+def test_bench_without_the_extra_names_the_extra(
+    which: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # None in sys.modules: importing it fails as if the package were not installed
+    monkeypatch.setitem(sys.modules, "implicit", None)
+    monkeypatch.delitem(sys.modules, "bench.quality", raising=False)
+    assert cli.main(["bench", which]) == 2
+    err = capsys.readouterr().err
+    assert "pip install -e '.[bench]'" in err and "missing: implicit" in err
+
+
+def test_a_late_missing_module_of_the_extra_gets_the_same_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "missing_bench_modules", lambda: [])  # the early check passes...
+    import scipy.sparse  # noqa: F401 - cached, as after any earlier test: must fail all the same
+
+    for name in ("scipy", "scipy.sparse"):  # ...but the import fails
+        monkeypatch.setitem(sys.modules, name, None)
+    for name in [m for m in sys.modules if m == "bench.baselines" or m == "bench.quality"]:
+        monkeypatch.delitem(sys.modules, name)
+    assert cli.main(["bench", "quality", "--help-not-reached"]) == 2
+    assert "'bench' extra" in capsys.readouterr().err
+
+
+def test_the_extra_names_what_pyproject_declares() -> None:
+    from pathlib import Path
+
+    import tomllib
+
+    extra = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = " ".join(extra["project"]["optional-dependencies"]["bench"])
+    for module in cli.BENCH_EXTRA_MODULES:
+        assert module in declared, module
