@@ -15,13 +15,36 @@ from consumers.settings import FeaturesSettings
 from protocol.features import FeatureStore
 
 log = logging.getLogger("freshrec.features")
+REBUILD_CHECK_S = 1.0  # how often the consumer checks that Redis still has what it applied
 
 
 def apply(store: FeatureStore, polled: Polled) -> None:
     """The whole logic: items to the catalog, interactions to histories (in record order),
     each record once: a poll delivered again after a crash before its commit changes nothing."""
-    applied = store.apply_records(polled.interactions, polled.items)
+    applied = store.apply_records(polled.interactions, polled.items,
+                                  skipped=[src for src, *_ in polled.errors])
     metrics.FEATURES_APPLIED.inc(applied)
+
+
+def rewind_lost(store: FeatureStore, transport: Transport) -> int:
+    """Where Redis no longer has what this consumer applied (it restarted empty, was flushed,
+    failed over to a replica that missed the newest writes), fetch again from the offset Redis
+    last applied (0: the whole log): the store is rebuilt from the log, each record once.
+    Call it between polls (every fetched record applied). Returns how many partitions moved."""
+    applied = store.applied_offsets()
+    consumer = transport.consumer
+    moved = 0
+    for tp in consumer.assignment():
+        position = consumer.position(tp)
+        have = applied.get(f"{tp.topic}:{tp.partition}", 0)
+        if position is not None and have < position:
+            log.warning("Redis lost features of %s:%s (applied through %s, fetched through %s); "
+                        "rebuilding them from the log", tp.topic, tp.partition, have, position)
+            consumer.seek(tp, have)
+            moved += 1
+    if moved:
+        metrics.FEATURES_REBUILDS.inc()
+    return moved
 
 
 def run(settings: FeaturesSettings) -> None:
@@ -39,24 +62,35 @@ def run(settings: FeaturesSettings) -> None:
     transport = Transport(settings, settings.features_group, "features", dlq=True)
     transport.install_signal_handlers()
     log.info("features consumer up (group %s)", settings.features_group)
+    checked = 0.0
     try:
         for polled in transport.batches(timeout_ms=100):
-            if not polled:
-                continue
-            while True:
+            if polled:
+                apply_until_done(store, polled, transport)
+                transport.commit(polled.offsets)
+            if time.monotonic() - checked >= REBUILD_CHECK_S:  # between polls: all applied
+                checked = time.monotonic()
                 try:
-                    apply(store, polled)
-                    break
-                except redis.exceptions.RedisError as exc:  # wait for Redis, lose nothing
-                    # (down, paused past the socket timeout, a read-only replica after a
-                    # failover: nothing is committed until the poll is applied)
-                    log.warning("redis unavailable (%s); retrying", exc)
-                    if not transport.running:
-                        return
-                    time.sleep(0.5)
-            transport.commit(polled.offsets)
+                    rewind_lost(store, transport)
+                except redis.exceptions.RedisError:
+                    pass  # Redis away: the next apply waits for it
     finally:
         transport.close()
+
+
+def apply_until_done(store: FeatureStore, polled: Polled, transport: Transport) -> None:
+    """Apply one poll, waiting out Redis errors; nothing is committed until it is applied."""
+    while True:
+        try:
+            apply(store, polled)
+            return
+        except redis.exceptions.RedisError as exc:  # wait for Redis, lose nothing
+            # (down, paused past the socket timeout, a read-only replica after a
+            # failover: nothing is committed until the poll is applied)
+            log.warning("redis unavailable (%s); retrying", exc)
+            if not transport.running:
+                raise SystemExit(0) from None
+            time.sleep(0.5)
 
 
 def main() -> None:

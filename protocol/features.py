@@ -58,12 +58,14 @@ class FeatureStore:
         pipe.execute()
 
     def apply_records(self, interactions: Sequence[tuple[Source, Interaction]],
-                      items: Sequence[tuple[Source, Item]] = ()) -> int:
+                      items: Sequence[tuple[Source, Item]] = (),
+                      skipped: Sequence[Source] = ()) -> int:
         """Apply a poll's records once each: records below their partition's applied offset
         are replays (a crash between apply and commit) and are skipped. The writes and the new
         applied offsets go in one MULTI/EXEC, so a record is applied wholly or not at all.
+        `skipped` are the poll's invalid records (in the DLQ): their offsets count as applied.
         Returns how many interactions were applied."""
-        sources = [src for src, _ in interactions] + [src for src, _ in items]
+        sources = [src for src, _ in interactions] + [src for src, _ in items] + list(skipped)
         if not sources:
             return 0
         key = f"{self.ns}:applied"
@@ -87,6 +89,12 @@ class FeatureStore:
                     return len(events)
                 except redis.WatchError:
                     continue
+
+    def applied_offsets(self) -> dict[str, int]:
+        """"topic:partition" -> the next offset the features consumer has applied (empty
+        after Redis lost its data: then everything is to be applied again)."""
+        raw = self.r.hgetall(f"{self.ns}:applied")
+        return {_text(k): int(v) for k, v in raw.items()}
 
     def _queue_events(self, pipe: redis.client.Pipeline, events: Sequence[Interaction]) -> None:
         for e in events:
@@ -234,6 +242,10 @@ def resolve_text_features(store: FeatureStore, encoder, items: Sequence[Item],
                           ) -> dict[str, np.ndarray]:
     """Text features for `items`, the same in every process (see `share_text_features`)."""
     return share_text_features(store, encoder, items, write_back, progress)[0]
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _partition(src: Source) -> str:
