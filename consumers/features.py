@@ -3,7 +3,9 @@ milliseconds, every item in the catalog. Malformed records go to the DLQ with th
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import time
 
 import redis
@@ -94,6 +96,7 @@ def apply_until_done(store: FeatureStore, polled: Polled, transport: Transport) 
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run(FeaturesSettings())
 

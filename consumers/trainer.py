@@ -4,9 +4,11 @@ include those events are published (at-least-once: a crash replays, never loses)
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import secrets
+import signal
 import socket
 import time
 from collections import deque
@@ -371,6 +373,7 @@ def run(settings: TrainerSettings) -> None:
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run(TrainerSettings())
 

@@ -351,6 +351,10 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
         from bench import live
 
         return int(live.main(rest) or 0)
+    if args.which == "chaos":
+        from bench import chaos
+
+        return int(chaos.main(rest) or 0)
     if args.which == "serving":
         from bench import serving
 
@@ -388,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--topic-items", default="freshrec.items")
 
     bp = sub.add_parser("bench", help="benchmarks (see bench/RESULTS.md)")
-    bp.add_argument("which", choices=["quality", "live", "serving"])
+    bp.add_argument("which", choices=["quality", "live", "serving", "chaos"])
 
     args, rest = p.parse_known_args(argv)
     if args.cmd == "bench":
