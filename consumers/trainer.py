@@ -331,16 +331,33 @@ def build_learner(settings: TrainerSettings) -> OnlineLearner:
 
 
 def run(settings: TrainerSettings) -> None:
-    """Wire Kafka, Redis and the learner together and loop until SIGTERM."""
+    """Wire Kafka, Redis and the learner together and loop until SIGTERM.
+
+    When the publisher lease passes on (an operator rolled back, or another trainer took over
+    after this one stalled), whatever this trainer learned since its last publish is stale:
+    it starts over in-process from the version the pointer names, and from the offsets stored
+    with it, as a freshly started trainer would (waiting for the lease first)."""
     key = settings.require_hmac_key()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, addr="0.0.0.0")
     client = settings.redis_client()  # every call times out: a paused Redis cannot hang us
-    trainer = Trainer(settings, build_learner(settings),
-                      WeightStore(client, key, settings.namespace, settings.keep_versions),
-                      FeatureStore(client, settings.namespace))
+    while True:
+        trainer = Trainer(settings, build_learner(settings),
+                          WeightStore(client, key, settings.namespace, settings.keep_versions),
+                          FeatureStore(client, settings.namespace))
+        try:
+            if not serve(settings, trainer):
+                return
+        except LeaseLost as exc:
+            log.warning("%s; starting over from the current version (nothing unpublished was "
+                        "committed)", exc)
+
+
+def serve(settings: TrainerSettings, trainer: Trainer) -> bool:
+    """One life of a trainer: lease, resume, then poll, learn, publish, commit until stopped
+    (returns False) or until the lease is lost (raises `LeaseLost`)."""
     trainer.wait_for_lease()  # before resuming: the version to resume from is then final
     trainer.bootstrap()
     transport = Transport(settings, settings.trainer_group, "trainer", dlq=False,
@@ -358,12 +375,13 @@ def run(settings: TrainerSettings) -> None:
                     log.warning("redis unavailable (%s); retrying the publish", exc)
                     polled = Polled()
                     if not transport.running:
-                        return
+                        return False
                     time.sleep(0.5)
             transport.commit(done)
-    except LeaseLost as exc:
-        raise SystemExit(f"trainer: {exc}; stopping (nothing unpublished was committed)") from None
+        return False
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # while starting over: stop at once
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         transport.close()
         if trainer.lease is not None:
             try:
