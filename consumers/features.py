@@ -9,23 +9,34 @@ import signal
 import time
 
 import redis
+from kafka.structs import TopicPartition
 from prometheus_client import start_http_server
 
 from consumers import metrics
 from consumers.loop import Polled, Transport
 from consumers.settings import FeaturesSettings
-from protocol.features import FeatureStore
+from protocol.features import FeaturesLost, FeatureStore
 
 log = logging.getLogger("freshrec.features")
 REBUILD_CHECK_S = 1.0  # how often the consumer checks that Redis still has what it applied
 
 
-def apply(store: FeatureStore, polled: Polled) -> None:
+def apply(store: FeatureStore, polled: Polled, gaps_ok: dict[str, int] | None = None) -> None:
     """The whole logic: items to the catalog, interactions to histories (in record order),
     each record once: a poll delivered again after a crash before its commit changes nothing."""
     applied = store.apply_records(polled.interactions, polled.items,
-                                  skipped=[src for src, *_ in polled.errors])
+                                  skipped=[src for src, *_ in polled.errors], gaps_ok=gaps_ok)
     metrics.FEATURES_APPLIED.inc(applied)
+
+
+def rewind(transport: Transport, applied: dict[str, int]) -> None:
+    """Fetch these partitions ("topic:partition" -> offset) again from the offsets given."""
+    for key, offset in applied.items():
+        topic, _, partition = key.rpartition(":")
+        log.warning("Redis lost features of %s (applied through %s); rebuilding them from the "
+                    "log", key, offset)
+        transport.consumer.seek(TopicPartition(topic, int(partition)), offset)
+    metrics.FEATURES_REBUILDS.inc()
 
 
 def rewind_lost(store: FeatureStore, transport: Transport) -> int:
@@ -34,19 +45,15 @@ def rewind_lost(store: FeatureStore, transport: Transport) -> int:
     last applied (0: the whole log): the store is rebuilt from the log, each record once.
     Call it between polls (every fetched record applied). Returns how many partitions moved."""
     applied = store.applied_offsets()
-    consumer = transport.consumer
-    moved = 0
-    for tp in consumer.assignment():
-        position = consumer.position(tp)
-        have = applied.get(f"{tp.topic}:{tp.partition}", 0)
-        if position is not None and have < position:
-            log.warning("Redis lost features of %s:%s (applied through %s, fetched through %s); "
-                        "rebuilding them from the log", tp.topic, tp.partition, have, position)
-            consumer.seek(tp, have)
-            moved += 1
-    if moved:
-        metrics.FEATURES_REBUILDS.inc()
-    return moved
+    lost = {}
+    for tp in transport.consumer.assignment():
+        position = transport.consumer.position(tp)
+        key = f"{tp.topic}:{tp.partition}"
+        if position is not None and applied.get(key, 0) < position:
+            lost[key] = applied.get(key, 0)
+    if lost:
+        rewind(transport, lost)
+    return len(lost)
 
 
 def run(settings: FeaturesSettings) -> None:
@@ -65,10 +72,17 @@ def run(settings: FeaturesSettings) -> None:
     transport.install_signal_handlers()
     log.info("features consumer up (group %s)", settings.features_group)
     checked = 0.0
+    rewound: dict[str, int] = {}  # where a rebuild started: a gap there is the log's own start
     try:
         for polled in transport.batches(timeout_ms=100):
             if polled:
-                apply_until_done(store, polled, transport)
+                try:
+                    apply_until_done(store, polled, transport, rewound)
+                except FeaturesLost as lost:  # this poll starts past what Redis still has
+                    rewind(transport, lost.applied)
+                    rewound = lost.applied
+                    continue
+                rewound = {}
                 transport.commit(polled.offsets)
             if time.monotonic() - checked >= REBUILD_CHECK_S:  # between polls: all applied
                 checked = time.monotonic()
@@ -80,11 +94,12 @@ def run(settings: FeaturesSettings) -> None:
         transport.close()
 
 
-def apply_until_done(store: FeatureStore, polled: Polled, transport: Transport) -> None:
+def apply_until_done(store: FeatureStore, polled: Polled, transport: Transport,
+                     gaps_ok: dict[str, int]) -> None:
     """Apply one poll, waiting out Redis errors; nothing is committed until it is applied."""
     while True:
         try:
-            apply(store, polled)
+            apply(store, polled, gaps_ok)
             return
         except redis.exceptions.RedisError as exc:  # wait for Redis, lose nothing
             # (down, paused past the socket timeout, a read-only replica after a
