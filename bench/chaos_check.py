@@ -137,7 +137,7 @@ def _check_versions(ev: Evidence, phase_of_time: Any) -> None:
     """Each version trained exactly the events between its parent's offsets and its own,
     less those its gate refused. Versions whose parent is unknown (the first of an epoch,
     published after Redis lost the parent) are not checked: their span is unknown."""
-    by_digest = {_digest(m): m for m in ev.manifests}
+    by_digest = {manifest_digest(m): m for m in ev.manifests}
     first = min(ev.manifests, key=lambda m: m.get("created_at", 0.0), default=None)
     for m in ev.manifests:
         parent = by_digest.get(m.get("parent_digest") or "")
@@ -159,7 +159,7 @@ def _check_versions(ev: Evidence, phase_of_time: Any) -> None:
         at.add("skipped_in_span", max(0, span - refused - trained), "lost")
 
 
-def _digest(m: dict[str, Any]) -> str:
+def manifest_digest(m: dict[str, Any]) -> str:
     from protocol.weights import Manifest
 
     try:
