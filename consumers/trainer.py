@@ -143,7 +143,13 @@ class Trainer:
         """Where each partition of `topic` starts when assigned: the offsets the published
         weights were trained through. The group's committed offsets only follow them (a commit
         can run ahead of the weights: Redis lost its newest writes, an operator rolled back)."""
-        return {tp: off for tp, off in self._through_partitions().items() if tp.topic == topic}
+        consumed = self._through_partitions()
+        # after a rebalance within this process (a step slower than max.poll.interval, a
+        # broker restart): what was polled since is in the learner or the batcher already,
+        # so it continues after it rather than learning it a second time
+        for tp, off in [*self.trained.items(), *self.pending_offsets.items()]:
+            consumed[tp] = max(consumed.get(tp, 0), off)
+        return {tp: off for tp, off in consumed.items() if tp.topic == topic}
 
     def _through_partitions(self) -> dict[TopicPartition, int]:
         """`through` ("topic:partition" -> offset) keyed by partition."""
