@@ -399,6 +399,7 @@ class Chaos:
         after = self.prober.snapshot()
         self.phases.append(Phase(name, seq0, self.producer.sent, t0, time.time()))
         out.update(events=self.producer.sent - seq0,
+                   version_went_back=after.regressions - before.regressions,
                    http_5xx=after.http_5xx - before.http_5xx,
                    http_errors=after.errors - before.errors,
                    requests=after.requests - before.requests,
@@ -464,8 +465,7 @@ class Chaos:
             after = self.prober.snapshot()
             self.prober.rate = 20.0
         return {"injections": int((self._model() or {}).get("swaps", 0)) - first,
-                "recovered_s": 0.0, "req_per_s": round((after.requests - before.requests) / took),
-                "version_went_back": after.regressions - before.regressions}
+                "recovered_s": 0.0, "req_per_s": round((after.requests - before.requests) / took)}
 
     def redis_sigstop(self) -> dict[str, Any]:
         assert self.redis.proc is not None
@@ -486,10 +486,21 @@ class Chaos:
             self.redis.start()
         else:
             self.redis.client().flushall()
+        served = self._waited(t, lambda: ((self._model() or {}).get("created_at") or 0) > wall)
+        rebuilt = self._waited(t, lambda: self.features_progress() >= self.producer.end_at(t))
         took = self.recovered(t, wall)
         epochs = {m.get("epoch") for m in self.versions.manifests.values()}
         return {"injections": 1, **_worst_and_median([took]), "served_before": serving,
+                "new_version_served_s": served, "features_rebuilt_s": rebuilt,
                 "epochs_seen": len(epochs)}
+
+    def _waited(self, t_inject: float, predicate: Callable[[], Any]) -> float | None:
+        """Seconds from the injection until `predicate` held (None: not within the timeout)."""
+        try:
+            self._wait("it", predicate, RECOVER_TIMEOUT_S)
+        except RuntimeError:
+            return None
+        return round(time.monotonic() - t_inject, 2)
 
     def broker_restart(self) -> dict[str, Any]:
         """Kill the broker: POST /events must answer 503 within 1 s, /recommend stay up; then
