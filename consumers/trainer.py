@@ -32,7 +32,7 @@ from model.serialization import make_delta, to_bytes
 from protocol.errors import LeaseLost, VerificationError
 from protocol.features import FeatureStore, resolve_text_features
 from protocol.topics import Source
-from protocol.weights import Lease, Manifest, WeightStore
+from protocol.weights import Lease, Manifest, StaleParent, WeightStore
 
 log = logging.getLogger("freshrec.trainer")
 PRODUCE_SAMPLE = 32  # produce timestamps per version kept for the freshness histogram
@@ -279,10 +279,18 @@ class Trainer:
             through["refused"] = dict(self.refused)
             through["refused_events"] = self.refused_events
             through["refused_reason"] = self.refused_reason
-        manifest = self.weights.publish(
-            blob, parent=self.parent[0] if self.parent else None, kind=kind,
-            config=asdict(self.learner.cfg), encoder=self.learner.encoder.identity,
-            trained_through=through, lease=self.lease)
+        publish_as = dict(config=asdict(self.learner.cfg), encoder=self.learner.encoder.identity,
+                          trained_through=through, lease=self.lease)
+        try:
+            manifest = self.weights.publish(
+                blob, parent=self.parent[0] if self.parent else None, kind=kind, **publish_as)
+        except StaleParent:  # Redis lost the parent since `extends` looked (a flush just now)
+            log.warning("parent version %s vanished while publishing (did Redis lose data?); "
+                        "publishing a full snapshot under a new epoch", self.parent[0].version
+                        if self.parent else None)
+            self.parent, kind = None, "full"
+            blob = to_bytes(tensors, ids)
+            manifest = self.weights.publish(blob, parent=None, kind=kind, **publish_as)
         self.learner.mark_published()
         self.parent = (manifest, tensors, ids)
         self.since_full = 0 if kind == "full" else self.since_full + 1
