@@ -31,7 +31,6 @@ import asyncio
 import json
 import math
 import os
-import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -41,20 +40,13 @@ from typing import Any
 
 import httpx
 
+from bench.stack import BenchStack
 from bench.stats import paired_ratio_ci
 from freshrec.data import Dataset, Interaction, hash_ties, load_movielens, ml100k_dir
 
 K = 10
 HISTORY_LEN = 20  # the user tower's window (ModelConfig.history_len): what history_used counts
 SEND_EVERY_S = 0.025  # the client batches its POST /events: fewer requests for the API to parse
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _metrics(client: httpx.Client) -> dict[str, float]:
@@ -74,43 +66,6 @@ def _quantile_between(q: float, before: dict[str, float], after: dict[str, float
     diff = {k: v - before.get(k, 0.0) for k, v in after.items() if k.startswith(name + "_bucket")}
     value = histogram_quantile(q, diff, name)
     return None if math.isnan(value) else value
-
-
-class LiveStack:
-    """One isolated freshrec deployment: own broker, Redis namespace, processes and ports."""
-
-    def __init__(self, home: Path, redis_url: str) -> None:
-        from freshrec.cli import Stack, _wipe_namespace
-        from freshrec.services import start_tansu
-
-        self.home = home
-        self.stack = Stack(home / "logs")
-        kafka_port, self.api_port = _free_port(), _free_port()
-        self.token = secrets.token_urlsafe(24)
-        self.namespace = f"live-{secrets.token_hex(4)}"
-        self.redis_url = redis_url
-        self.env = {
-            **os.environ, "PYTHONUNBUFFERED": "1",
-            "FRESHREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
-            "FRESHREC_REDIS_URL": redis_url, "FRESHREC_NAMESPACE": self.namespace,
-            "FRESHREC_HMAC_KEY": secrets.token_urlsafe(32), "FRESHREC_API_TOKEN": self.token,
-            "FRESHREC_TRAINER_METRICS_PORT": "0", "FRESHREC_FEATURES_METRICS_PORT": "0",
-            "FRESHREC_TORCH_THREADS": "1",
-        }
-        _wipe_namespace(redis_url, self.namespace)
-        self.stack.add("tansu", start_tansu(kafka_port, home / "logs" / "tansu.log"))
-        py = sys.executable
-        self.stack.spawn("features", [py, "-m", "consumers.features"], self.env)
-        self.stack.spawn("trainer", [py, "-m", "consumers.trainer"], self.env)
-        self.stack.spawn("api", [py, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1",
-                                 "--port", str(self.api_port), "--log-level", "warning"], self.env)
-        self.base = f"http://127.0.0.1:{self.api_port}"
-
-    def close(self) -> None:
-        from freshrec.cli import _wipe_namespace
-
-        self.stack.stop()
-        _wipe_namespace(self.redis_url, self.namespace)
 
 
 def _event_body(e: Interaction) -> dict[str, Any]:
@@ -144,7 +99,7 @@ def _wait(what: str, predicate: Any, timeout_s: float, stack: Any) -> None:
 def replay_live(ds: Dataset, events: Sequence[Interaction], n_warm: int, rate: float,
                 stride: int, home: Path, redis_url: str) -> dict[str, Any]:
     """Warm up over HTTP, then replay `events[n_warm:]` at `rate`, scoring every stride-th."""
-    live = LiveStack(home, redis_url)
+    live = BenchStack(home, redis_url)
     topic = "freshrec.interactions"
     try:
         with httpx.Client(base_url=live.base, timeout=10) as client:

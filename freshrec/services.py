@@ -76,7 +76,9 @@ def start_tansu(port: int, log_path: Path, storage: str = "memory://tansu/",
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServiceError(f"Tansu exited with {proc.returncode}; see {log_path}")
+            last = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise ServiceError(f"Tansu exited with {proc.returncode} ({last[0] if last else ''}); "
+                               f"see {log_path}")
         if port_open("127.0.0.1", port):
             return proc
         time.sleep(0.1)

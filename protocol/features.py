@@ -23,6 +23,7 @@ import numpy as np
 import redis
 
 from model.events import Interaction, Item
+from protocol.errors import FreshrecError
 from protocol.topics import Source
 
 SEEN_READ_MAX = 1_000  # seen ids read per request; beyond that, candidates are checked one by one
@@ -37,6 +38,15 @@ class UserView:
     history: list[str]
     seen: set[str]
     complete: bool = True
+
+
+class FeaturesLost(FreshrecError):
+    """Redis no longer holds features that were applied: fetch these partitions again from
+    the offsets named ("topic:partition" -> the next offset Redis has applied)."""
+
+    def __init__(self, applied: dict[str, int]) -> None:
+        super().__init__(f"features lost past {applied}")
+        self.applied = applied
 
 
 class FeatureStore:
@@ -58,12 +68,20 @@ class FeatureStore:
         pipe.execute()
 
     def apply_records(self, interactions: Sequence[tuple[Source, Interaction]],
-                      items: Sequence[tuple[Source, Item]] = ()) -> int:
+                      items: Sequence[tuple[Source, Item]] = (),
+                      skipped: Sequence[Source] = (),
+                      gaps_ok: dict[str, int] | None = None) -> int:
         """Apply a poll's records once each: records below their partition's applied offset
         are replays (a crash between apply and commit) and are skipped. The writes and the new
         applied offsets go in one MULTI/EXEC, so a record is applied wholly or not at all.
+        `skipped` are the poll's invalid records (in the DLQ): their offsets count as applied.
+
+        A poll that starts past a partition's applied offset means Redis lost what was applied
+        (restarted empty, flushed, failed over): `FeaturesLost` names the offsets to fetch
+        again from, and nothing is written. `gaps_ok` ("topic:partition" -> offset) accepts a
+        gap once after such a rewind (the log itself starts later: retention removed the rest).
         Returns how many interactions were applied."""
-        sources = [src for src, _ in interactions] + [src for src, _ in items]
+        sources = [src for src, _ in interactions] + [src for src, _ in items] + list(skipped)
         if not sources:
             return 0
         key = f"{self.ns}:applied"
@@ -74,6 +92,15 @@ class FeatureStore:
                     pipe.watch(key)  # another consumer applying the same partition: retry
                     applied = {p: int(v or 0) for p, v in zip(parts, pipe.hmget(key, parts),
                                                               strict=True)}
+                    first: dict[str, int] = {}
+                    for src in sources:
+                        p = _partition(src)
+                        first[p] = min(first.get(p, src.offset), src.offset)
+                    lost = {p: applied[p] for p, off in first.items() if off > applied[p]
+                            and (gaps_ok or {}).get(p) != applied[p]}
+                    if lost:
+                        pipe.reset()
+                        raise FeaturesLost(lost)
                     events = [e for src, e in interactions
                               if src.offset >= applied[_partition(src)]]
                     fresh_items = [i for src, i in items if src.offset >= applied[_partition(src)]]
@@ -87,6 +114,12 @@ class FeatureStore:
                     return len(events)
                 except redis.WatchError:
                     continue
+
+    def applied_offsets(self) -> dict[str, int]:
+        """"topic:partition" -> the next offset the features consumer has applied (empty
+        after Redis lost its data: then everything is to be applied again)."""
+        raw = self.r.hgetall(f"{self.ns}:applied")
+        return {_text(k): int(v) for k, v in raw.items()}
 
     def _queue_events(self, pipe: redis.client.Pipeline, events: Sequence[Interaction]) -> None:
         for e in events:
@@ -234,6 +267,10 @@ def resolve_text_features(store: FeatureStore, encoder, items: Sequence[Item],
                           ) -> dict[str, np.ndarray]:
     """Text features for `items`, the same in every process (see `share_text_features`)."""
     return share_text_features(store, encoder, items, write_back, progress)[0]
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _partition(src: Source) -> str:

@@ -9,6 +9,7 @@ Keys under `{ns}:w:` —
   current             the version servers should serve
   lease               "{token}:{owner}" of the one publisher allowed now (SET NX PX, renewed)
   lease:token         the newest fencing token handed out (written with the lease it names)
+  rollback            the newest operator rollback: signed JSON record (version, digest, token)
 and the pub/sub channel `{ns}:w:published`. The pointer moves together with the notice in one
 MULTI/EXEC; subscribers also poll `current`, because pub/sub loses messages while disconnected.
 
@@ -338,6 +339,48 @@ class WeightStore:
         self._point(pipe, version)
         pipe.execute()
 
+    def rollback(self, version: int, by: str = "operator") -> dict[str, Any]:
+        """Serve `version` again (an operator's rollback) and fence out the publisher.
+
+        The version must still be stored and verify, blobs and chain included. In one
+        MULTI/EXEC: the fencing token moves on and the lease is dropped (the trainer that held
+        it gets `LeaseLost` at its next renewal or publish, so nothing it trained on top of the
+        newer versions is published after this), the pointer moves back with its notice, and a
+        signed rollback record names the version. The trainer then takes the lease again,
+        resumes from the version the pointer names and from the offsets stored with it: the
+        events after it are trained again, not lost. Returns the record."""
+        target = self.load(version).manifest  # raises VerificationError if it cannot be served
+        with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:  # a publisher taking the lease meanwhile: read the token again
+                    pipe.watch(self.lease_seq, self.lease_key)
+                    previous = pipe.get(f"{self.ns}:current")
+                    token = int(pipe.get(self.lease_seq) or 0) + 1
+                    record: dict[str, Any] = {
+                        "version": version, "digest": target.digest(), "epoch": target.epoch,
+                        "previous": int(previous) if previous is not None else None,
+                        "token": token, "by": by, "at": time.time()}
+                    record["hmac"] = _sign_record(self.key, record)
+                    pipe.multi()
+                    pipe.set(self.lease_seq, token)
+                    pipe.delete(self.lease_key)
+                    self._point(pipe, version)
+                    pipe.set(f"{self.ns}:rollback", json.dumps(record))
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        return record
+
+    def rollback_record(self) -> dict[str, Any] | None:
+        """The newest rollback record, if its signature verifies (else None)."""
+        raw = self.r.get(f"{self.ns}:rollback")
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        given = record.pop("hmac", "")
+        return record if hmac.compare_digest(given, _sign_record(self.key, record)) else None
+
     def _point(self, pipe: Any, version: int) -> None:
         pipe.zadd(f"{self.ns}:versions", {str(version): version})
         pipe.set(f"{self.ns}:current", version)
@@ -572,6 +615,12 @@ def merge_deltas(dense: dict[str, torch.Tensor], n: int, n_names: int,
     last = torch.full((len(uniq),), -1, dtype=torch.long).scatter_reduce_(
         0, inverse, torch.arange(len(rows)), "amax")  # the newest write of each row
     return uniq, values[last], size, appended
+
+
+def _sign_record(key: bytes, record: dict[str, Any]) -> str:
+    body = json.dumps({k: v for k, v in record.items() if k != "hmac"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
 def parent_matches(child: Manifest, parent: Manifest) -> bool:

@@ -102,9 +102,19 @@ def get_producer(request: Request):  # noqa: ANN201 - a service.app.LazyProducer
 def require_token(settings: Annotated[ServiceSettings, Depends(get_settings)],
                   authorization: Annotated[str | None, Header()] = None) -> None:
     """Write endpoints need `Authorization: Bearer $FRESHREC_API_TOKEN`."""
-    token = settings.api_token.get_secret_value()
+    _check_bearer(settings.api_token.get_secret_value(), "FRESHREC_API_TOKEN", authorization)
+
+
+def require_admin(settings: Annotated[ServiceSettings, Depends(get_settings)],
+                  authorization: Annotated[str | None, Header()] = None) -> None:
+    """Admin endpoints need `Authorization: Bearer $FRESHREC_ADMIN_TOKEN`: a token of its own,
+    so that a producer that may write events cannot roll the model back."""
+    _check_bearer(settings.admin_token.get_secret_value(), "FRESHREC_ADMIN_TOKEN", authorization)
+
+
+def _check_bearer(token: str, variable: str, authorization: str | None) -> None:
     if not token:
-        raise HTTPException(503, "write endpoints are disabled: set FRESHREC_API_TOKEN")
+        raise HTTPException(503, f"these endpoints are disabled: set {variable}")
     given = (authorization or "").removeprefix("Bearer ").strip()
     if not secrets.compare_digest(given.encode(), token.encode()):
         raise HTTPException(401, "missing or wrong bearer token",
@@ -118,3 +128,4 @@ UserCacheDep = Annotated[UserCache, Depends(get_user_cache)]
 RecentDep = Annotated[RecentEvents, Depends(get_recent)]
 ProducerDep = Annotated[object, Depends(get_producer)]
 Authorized = Depends(require_token)
+AdminAuthorized = Depends(require_admin)

@@ -14,10 +14,11 @@ from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model.events import Interaction, Item
-from protocol.errors import Unavailable
+from protocol.errors import Unavailable, VerificationError
 from protocol.topics import encode_interaction, encode_item
 from service import metrics
 from service.deps import (
+    AdminAuthorized,
     Authorized,
     FeaturesDep,
     HolderDep,
@@ -27,7 +28,17 @@ from service.deps import (
     UserCacheDep,
 )
 from service.holder import Snapshot
-from service.schemas import Accepted, EventIn, ItemIn, ModelOut, RecommendIn, RecommendOut, Scored
+from service.schemas import (
+    Accepted,
+    EventIn,
+    ItemIn,
+    ModelOut,
+    RecommendIn,
+    RecommendOut,
+    RollbackIn,
+    RollbackOut,
+    Scored,
+)
 
 router = APIRouter()
 STATIC = Path(__file__).parent / "static"
@@ -182,6 +193,30 @@ def model_info(holder: HolderDep) -> ModelOut:
                                          age_seconds=time.time() - m.created_at,
                                          encoder=m.encoder, trained_through=m.trained_through))
     return out
+
+
+@router.post("/admin/rollback", response_model=RollbackOut, dependencies=[AdminAuthorized],
+             responses={401: {"description": "Missing or wrong admin bearer token."},
+                        404: {"description": "No such version is stored (never published, or "
+                              "pruned: only the last versions are kept)."},
+                        409: {"description": "The version does not verify; it is not served."},
+                        503: {"description": "Admin endpoints are disabled, or Redis is "
+                              "unreachable."}})
+def rollback(body: RollbackIn, holder: HolderDep) -> RollbackOut:
+    """Serve a stored version again (operator rollback). The publisher lease is fenced, so the
+    trainer starts over from this version and from the offsets stored with it: the events
+    after it are trained again. This server (and every replica) follows the pointer."""
+    try:
+        record = holder.weights.rollback(body.version, by="api")
+    except VerificationError as exc:
+        if exc.reason == "missing":
+            raise HTTPException(404, exc.detail) from exc
+        raise HTTPException(409, f"version {body.version} does not verify: {exc.detail}") from exc
+    except redis.exceptions.RedisError as exc:
+        raise HTTPException(503, f"Redis is unreachable: {exc}",
+                            headers={"Retry-After": "1"}) from exc
+    return RollbackOut(version=record["version"], previous=record["previous"],
+                       token=record["token"], epoch=record["epoch"])
 
 
 @router.get("/status")

@@ -67,3 +67,16 @@ class ModelOut(BaseModel):
     swaps: int
     refused_versions: dict[int, str] = Field(default_factory=dict)
     catalog_items: int
+
+
+class RollbackIn(BaseModel):
+    """Serve this stored version again; the trainer continues from it."""
+
+    version: int = Field(ge=1)
+
+
+class RollbackOut(BaseModel):
+    version: int  # now served (the API follows within a poll interval)
+    previous: int | None  # the version the pointer named before
+    token: int  # the fencing token the publisher lease moved on to
+    epoch: str

@@ -13,6 +13,7 @@ class ServiceSettings(CommonSettings):
     """The API server never trains and never writes weights; it reads and verifies them."""
 
     api_token: SecretStr = SecretStr("")  # bearer token of the write endpoints; "" disables them
+    admin_token: SecretStr = SecretStr("")  # bearer token of /admin/* (rollback); "" disables
     encoder_path: str = ""  # must be the trainer's base encoder (checked against each manifest)
     poll_interval_s: float = 0.5  # how often the pointer and the catalog log are polled
     max_body_bytes: int = 1_000_000  # larger request bodies get 413

@@ -48,6 +48,7 @@ COUNTERS = {
     "freshrec_trainer_gate_refusals_total",
     "freshrec_trainer_rollbacks_total",
     "freshrec_features_events_applied_total",
+    "freshrec_features_rebuilds_total",
 }
 GAUGES = {
     "freshrec_model_age_seconds",

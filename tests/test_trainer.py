@@ -111,6 +111,49 @@ def test_a_resumed_trainer_keeps_the_offsets_of_partitions_it_has_not_seen_since
                                             TopicPartition(TOPIC, 1): 40}
 
 
+def test_a_rebalance_in_the_same_process_does_not_learn_polled_events_twice(
+        redis_url, namespace, tiny_encoder) -> None:
+    """A step slower than max.poll.interval: the group takes the partitions away and gives them
+    back. The transport then seeks where `resume_offsets` says; events polled since the last
+    publish are in the learner (or its batcher) already and must not be fetched again, or the
+    next version trains them twice (the chaos harness's slow_step fault)."""
+    trainer = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                           batch_window_ms=10_000, publish_interval_ms=0)
+    trainer.add_items(ITEMS)
+    trainer.on_poll(poll(events(40), 0), now=1.0)  # learned and published
+    trainer.on_poll(poll(events(10, 40), 40), now=2.0)  # polled: in the batcher, unpublished
+    published = trainer.weights.manifest(trainer.weights.current())
+    assert published.trained_through["offsets"] == {f"{TOPIC}:0": 40}
+    assert trainer.resume_offsets(TOPIC) == {TopicPartition(TOPIC, 0): 50}
+
+
+def test_redis_losing_the_parent_during_a_publish_gives_a_full_snapshot(
+        redis_url, namespace, tiny_encoder) -> None:
+    """The chaos harness's FLUSHALL landed between the trainer's check that its parent is still
+    stored and its publish: the delta was refused (StaleParent) and the trainer crashed, which
+    lost its in-memory weights along with Redis's. It must publish a full snapshot instead."""
+    trainer = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                           publish_interval_ms=0)
+    trainer.add_items(ITEMS)
+    trainer.on_poll(poll(events(40), 0), now=1.0)
+    store = trainer.weights
+    real_extends = store.extends
+
+    def flushed_right_after_the_check(parent):  # noqa: ANN001, ANN202
+        store.extends = real_extends  # type: ignore[method-assign]  # the store's own check
+        answer = real_extends(parent)  # True: the parent is there ...
+        for key in store.r.scan_iter(f"{namespace}:*"):
+            store.r.delete(key)  # ... and then FLUSHALL
+        return answer
+
+    store.extends = flushed_right_after_the_check  # type: ignore[method-assign]
+    done = trainer.on_poll(poll(events(40, 40), 40), now=2.0)
+    assert done == {TopicPartition(TOPIC, 0): 80}
+    newest = store.manifest(store.current())
+    assert newest.kind == "full" and newest.parent is None
+    assert newest.trained_through["offsets"] == {f"{TOPIC}:0": 80}
+
+
 def mixed_events(n: int, offset: int = 0, seed: int = 0) -> list[Interaction]:
     """Many users, each seeing few items: the published weights hit some of them in the top 10."""
     rnd = random.Random(seed + offset)
