@@ -399,7 +399,18 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so a benchmark's `finally` stops the stack it started (a
+    killed `freshrec bench live` used to leave its broker, consumers and API running)."""
+
+    def _exit(*_: object) -> None:
+        raise SystemExit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    exit_on_sigterm()
     if args.which in ("quality", "live"):
         missing = missing_bench_modules()
         if missing:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
 from freshrec import cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("which", ["quality", "live"])
@@ -44,3 +47,21 @@ def test_the_extra_names_what_pyproject_declares() -> None:
     declared = " ".join(extra["project"]["optional-dependencies"]["bench"])
     for module in cli.BENCH_EXTRA_MODULES:
         assert module in declared, module
+
+
+def test_sigterm_during_a_benchmark_runs_its_cleanup(tmp_path) -> None:
+    """A benchmark stops the processes it started in `finally`; SIGTERM must reach it."""
+    import subprocess
+
+    script = ("import os, signal, sys, time\n"
+              "from freshrec.cli import exit_on_sigterm\n"
+              "exit_on_sigterm()\n"
+              "try:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(30)\n"
+              "finally:\n"
+              "    open(sys.argv[1], 'w').write('stopped')\n")
+    marker = tmp_path / "cleanup"
+    done = subprocess.run([sys.executable, "-c", script, str(marker)], cwd=ROOT, timeout=60)
+    assert done.returncode == 143
+    assert marker.read_text() == "stopped"
