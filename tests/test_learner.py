@@ -221,6 +221,7 @@ def test_gate_refuses_garbage_and_rollback_restores_published(tiny_encoder) -> N
     learner.add_items([Item(f"x{i}", f"extra {i}") for i in range(300)])  # chance HR ~ 3%
     for s in range(0, 1500, 100):
         learner.learn(stream(100, s))
+    assert len(learner.validation) >= learner.cfg.gate_min_events
     learner.mark_published()
     published = {k: v.clone() for k, v in learner.state_tensors().items()}
     with torch.no_grad():  # learning garbage: every item becomes a random vector
@@ -228,16 +229,28 @@ def test_gate_refuses_garbage_and_rollback_restores_published(tiny_encoder) -> N
             p.copy_(torch.randn_like(p) * 0.01)
         learner.net.id_emb.copy_(torch.randn_like(learner.net.id_emb) * 5)
     learner._scorer = None
-    for s in range(1500, 1800, 100):
-        learner.evaluate(stream(100, s))
     decision = learner.gate()
     assert not decision.publish and decision.reference > decision.hr, decision
+    assert decision.events == len(learner.validation)
     learner.rollback()
     for k, v in learner.state_tensors().items():
         assert torch.equal(v, published[k]), k
-    for s in range(1800, 2100, 100):
-        learner.evaluate(stream(100, s))
     assert learner.gate().publish, "the published weights pass against themselves"
+
+
+def test_held_out_events_join_histories_not_training_and_replay_later(tiny_encoder) -> None:
+    learner = make(tiny_encoder, gate_set=20, replay_ratio=0.0)
+    events = stream(600)
+    held = [e for e in events if learner.holds_out(e)]
+    assert 0.03 < len(held) / len(events) < 0.1  # about one in 16
+    assert held == [e for e in events if make(tiny_encoder).holds_out(e)], "not stable"
+    stats = learner.learn(events)
+    assert stats.events == len(events) - len(held), "held-out events were trained"
+    assert [h.target for h in learner.validation] == [e.item_id for e in held][-20:]
+    assert len(learner.reservoir) == len(events) - 20, "events leaving the set are not replayed"
+    last = held[-1]
+    assert last.item_id in learner.history(last.user_id), "a held-out event left the history"
+    assert not make(tiny_encoder, gate=False).holds_out(held[0])
 
 
 @pytest.mark.parametrize("policy", ["lora", "full"])
