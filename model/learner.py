@@ -274,9 +274,10 @@ class OnlineLearner:
             self.reservoir.add(ex)
         self._set_lr(lr_mult)
         loss = penalty = grad_norm = 0.0
-        for _ in range(cfg.steps_per_batch):
-            loss, penalty, grad_norm = self._step(examples)
-        self._adapt_lr(loss, share)
+        if examples:  # else every event was held out for the gate: nothing to learn
+            for _ in range(cfg.steps_per_batch):
+                loss, penalty, grad_norm = self._step(examples)
+            self._adapt_lr(loss, share)
         self._stamp += 1
         self._scorer = None
         if cfg.policy != "head":

@@ -136,8 +136,8 @@ def test_unseen_users_and_items_are_handled(tiny_encoder) -> None:
 
 
 def test_replay_mixes_past_events_into_each_batch(tiny_encoder) -> None:
-    on = make(tiny_encoder, replay_ratio=0.5, step_events=40)
-    off = make(tiny_encoder, replay=False, step_events=40)
+    on = make(tiny_encoder, replay_ratio=0.5, step_events=40, gate=False)  # every event trains
+    off = make(tiny_encoder, replay=False, step_events=40, gate=False)
     on.learn(stream(100))
     off.learn(stream(100))
     assert on.learn(stream(40, 100)).replayed == 20
@@ -166,7 +166,7 @@ def test_per_event_update_does_not_depend_on_the_event_rate(tiny_encoder, mode) 
     the batch holds, so stepping at full lr on each tiny micro-batch ("none", the old trainer)
     learns each event many times harder: that made live learning worse than not learning."""
     base = make(tiny_encoder, step_events=96, small_batch=mode, adaptive_lr=False, replay=False,
-                anchor="none")
+                anchor="none", gate=False)
     for s in range(0, 384, 96):
         base.learn(stream(96, s))
     whole, singles = copy.deepcopy(base), copy.deepcopy(base)
@@ -202,8 +202,8 @@ def test_anchor_penalty_is_zero_at_the_anchor_and_grows_away(tiny_encoder) -> No
 
 
 def test_adaptive_lr_rises_on_drift_and_stays_fixed_when_off(tiny_encoder) -> None:
-    ada = make(tiny_encoder, adaptive_lr=True, step_events=100)
-    fixed = make(tiny_encoder, adaptive_lr=False, step_events=100)
+    ada = make(tiny_encoder, adaptive_lr=True, step_events=100, gate=False)
+    fixed = make(tiny_encoder, adaptive_lr=False, step_events=100, gate=False)
     for s in range(0, 2000, 100):
         ada.learn(stream(100, s))
         fixed.learn(stream(100, s))
