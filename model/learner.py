@@ -58,10 +58,8 @@ class GateDecision:
 class HeldOut:
     """A validation event: no version trained on it while it is in the gate's set."""
 
-    history: tuple[str, ...]  # the user's items before it, oldest first
-    exclude: frozenset[str]  # everything the user had interacted with before it
-    target: str
-    example: Example  # learned through the replay reservoir once it leaves the set
+    example: Example  # (history rows, target row); learned through replay once it leaves
+    exclude: tuple[int, ...]  # rows of everything the user had interacted with before it
     reference_hit: float | None = None  # the published weights' hit (None: not ranked yet)
 
 
@@ -222,9 +220,7 @@ class OnlineLearner:
             seen = self.seen.setdefault(e.user_id, set())
             example = (tuple(hist), target)
             if self.holds_out(e):
-                names = self.item_ids
-                self._hold(HeldOut(tuple(names[i] for i in hist),
-                                   frozenset(names[i] for i in seen), e.item_id, example))
+                self._hold(HeldOut(example, tuple(seen)))
             else:
                 out.append(example)
             hist.append(target)
@@ -449,13 +445,9 @@ class OnlineLearner:
             return GateDecision(True, 0.0, 0.0, 0)
         todo = [h for h in held if h.reference_hit is None]
         if todo:  # the published weights rank each held-out event once
-            ranked = self._published_scorer.rank_batch(
-                [h.history for h in todo], k, [h.exclude for h in todo])
-            for h, hit in zip(todo, _hits([[i for i, _ in r] for r in ranked],
-                                          [h.target for h in todo])[0], strict=True):
+            for h, hit in zip(todo, self._held_hits(self._published_scorer, todo, k), strict=True):
                 h.reference_hit = hit
-        hits = _hits(self.rank_batch([h.history for h in held], k, [h.exclude for h in held]),
-                     [h.target for h in held])[0]
+        hits = self._held_hits(self.scorer(), held, k)
         self._verdict = (self._stamp, list(zip(held, hits, strict=True)))
         refs = [h.reference_hit or 0.0 for h in held]
         hr, ref = float(np.mean(hits)), float(np.mean(refs))
@@ -464,6 +456,20 @@ class OnlineLearner:
         worse = only_ref - only_cand >= cfg.gate_z * math.sqrt(only_ref + only_cand)
         refuse = hr < (1.0 - cfg.gate_tolerance) * ref and worse
         return GateDecision(not refuse, hr, ref, len(held))
+
+    def _held_hits(self, scorer: Scorer, held: Sequence[HeldOut], k: int) -> list[float]:
+        t = self.cfg.history_len
+        hist = torch.full((len(held), t), -1, dtype=torch.long)
+        rows, cols = [], []
+        for r, h in enumerate(held):
+            past = h.example[0][-t:]
+            if past:
+                hist[r, t - len(past):] = torch.tensor(past)
+            rows.extend([r] * len(h.exclude))
+            cols.extend(h.exclude)
+        targets = torch.tensor([h.example[1] for h in held])
+        return scorer.hits(hist, (torch.tensor(rows, dtype=torch.long),
+                                  torch.tensor(cols, dtype=torch.long)), targets, k).tolist()
 
     def mark_published(self) -> None:
         """The current weights were published: they become the anchor, the rollback point and

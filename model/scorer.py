@@ -250,11 +250,35 @@ class Scorer:
             known = [j for j in map(self.names.position, items) if j is not None][-t:]
             if known:
                 idx[row, t - len(known):] = torch.tensor(known)
+        return self._users_of_rows(idx)
+
+    def _users_of_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) catalog rows of histories, right-aligned, -1 = none -> (B, d) user vectors."""
         idx = idx.to(self.net.id_emb.device)
         mask = idx >= 0
         hist = self.net.history_vectors(self._item_vectors(idx.clamp(min=0)))
         hist = hist * mask.unsqueeze(-1)  # (B, T, d)
         return self.net.user_vectors(hist, mask)
+
+    def _scores(self, users: torch.Tensor) -> torch.Tensor:
+        """(B, d) user vectors -> (B, N) scores over the catalog."""
+        if self.linear:
+            return self._queries(users) @ self.cols.T / self.net.cfg.temperature
+        return users @ self.items.T / self.net.cfg.temperature
+
+    @torch.no_grad()
+    def hits(self, history_rows: torch.Tensor, exclude: tuple[torch.Tensor, torch.Tensor],
+             targets: torch.Tensor, k: int) -> torch.Tensor:
+        """1.0 where the target ranks in the top k, as `rank_batch` would rank it, in catalog
+        rows throughout: histories (B, T) right-aligned with -1 for none, excluded cells as
+        (row, column) index tensors, targets (B,). No sort and no per-row Python: the
+        validation gate calls it at every publish."""
+        scores = self._scores(self._users_of_rows(history_rows))
+        dev = scores.device
+        scores[exclude[0].to(dev), exclude[1].to(dev)] = float("-inf")
+        target = scores.gather(1, targets.to(dev).unsqueeze(1))
+        ahead = (scores > target).sum(dim=1)
+        return ((ahead < k) & torch.isfinite(target.squeeze(1))).float().cpu()
 
     @torch.no_grad()
     def rank_batch(self, histories: Sequence[Sequence[str]], k: int,
@@ -262,11 +286,7 @@ class Scorer:
         """Top-k (item_id, score) per history over the whole catalog, minus excluded ids."""
         if not histories or not len(self):
             return [[] for _ in histories]
-        users = self.user_vectors(histories)  # (B, d)
-        if self.linear:
-            scores = self._queries(users) @ self.cols.T / self.net.cfg.temperature  # (B, N)
-        else:
-            scores = users @ self.items.T / self.net.cfg.temperature  # (B, N)
+        scores = self._scores(self.user_vectors(histories))  # (B, N)
         for row, ex in enumerate(exclude):
             cols = [j for j in map(self.names.position, ex) if j is not None]
             if cols:

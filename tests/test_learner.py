@@ -246,11 +246,28 @@ def test_held_out_events_join_histories_not_training_and_replay_later(tiny_encod
     assert held == [e for e in events if make(tiny_encoder).holds_out(e)], "not stable"
     stats = learner.learn(events)
     assert stats.events == len(events) - len(held), "held-out events were trained"
-    assert [h.target for h in learner.validation] == [e.item_id for e in held][-20:]
+    assert [learner.item_ids[h.example[1]] for h in learner.validation] == \
+        [e.item_id for e in held][-20:]
     assert len(learner.reservoir) == len(events) - 20, "events leaving the set are not replayed"
     last = held[-1]
     assert last.item_id in learner.history(last.user_id), "a held-out event left the history"
     assert not make(tiny_encoder, gate=False).holds_out(held[0])
+
+
+@pytest.mark.parametrize("tower", ["mlp", "linear"])
+def test_the_gates_hit_count_equals_ranking_top_k(tiny_encoder, tower) -> None:
+    """`Scorer.hits` (vectorised, catalog rows) says hit exactly where `rank_batch`'s top 10,
+    with the same exclusions, holds the target."""
+    learner = make(tiny_encoder, item_tower=tower, gate_holdout=3)
+    for s in range(0, 900, 100):
+        learner.learn(stream(100, s))
+    held = list(learner.validation)
+    names = learner.item_ids
+    ranked = learner.rank_batch([[names[i] for i in h.example[0]] for h in held], 10,
+                                [{names[i] for i in h.exclude} for h in held])
+    expect = [float(names[h.example[1]] in r) for h, r in zip(held, ranked, strict=True)]
+    assert learner._held_hits(learner.scorer(), held, 10) == expect
+    assert 0 < sum(expect) < len(expect)
 
 
 @pytest.mark.parametrize("policy", ["lora", "full"])
