@@ -4,13 +4,11 @@ Every neural method wraps one `model.learner.OnlineLearner` behind the harness's
 
 - `rank_batch` ranks with the histories and exclusions the harness gives (identical for every
   method: the user's items before the event, earlier events of the same micro-batch included).
-- `learn(batch)` runs the trainer consumer's loop body (`consumers/trainer.py`): prequential
-  `evaluate` (which feeds the validation gate), then `learn`, and every `publish_every` batches
-  `gate()` -> `mark_published()` or `rollback()`. In the stream the harness has just ranked
-  that very batch with the current weights, so that ranking is reused as the evaluation (only
-  the published weights' ranking, which the gate needs, is computed in `learn`); in warm-up and
-  leave-one-out `learn` calls `evaluate` itself, as the trainer does. The harness always ranks
-  a batch before it calls `learn` on it, so the state that ranks never includes the event.
+- `learn(batch)` runs the trainer consumer's loop body (`consumers/trainer.py`): `learn`, and
+  every `publish_every` batches (or, with a rate, publish interval) `gate()` ->
+  `mark_published()` or `rollback()`. The gate ranks its own held-out events (one in 16, see
+  `OnlineLearner.holds_out`), exactly as in the trainer. The harness always ranks a batch
+  before it calls `learn` on it, so the state that ranks never includes the event.
 - The learner keeps its own user histories, built from the events it learns; these are the
   harness's histories minus the held-out warm-up events, which no method learns (item-KNN keeps
   its own history the same way).
@@ -68,8 +66,6 @@ def shared_features(cfg: ModelConfig, items: Sequence[Item]) -> dict[str, np.nda
 class NeuralRecommender:
     """An `OnlineLearner` driven as the trainer consumer drives it (see the module docstring)."""
 
-    wants_user_ids = True  # only to check that a ranking was of the batch learned next
-
     def __init__(self, cfg: ModelConfig, name: str = "incremental",
                  publish_every: int | None = PUBLISH_EVERY, rate: float | None = None,
                  publish_interval_s: float = 0.25) -> None:
@@ -87,9 +83,7 @@ class NeuralRecommender:
         self.streaming = False
         self.publishes = self.refusals = 0
         self.learner_s = 0.0  # time inside learner.learn alone (the harness times all of learn)
-        self.gate_s = 0.0  # time spent on the gate: scoring the published weights, publishing
-        self._ranked: tuple[list[str], list[Sequence[str]], list[Collection[str]],
-                            list[list[str]], int] | None = None
+        self.gate_s = 0.0  # time spent on the gate: ranking its held-out events, publishing
 
     def __deepcopy__(self, memo: dict[int, Any]) -> NeuralRecommender:
         if self.cfg.policy == "head":  # the frozen encoder is shared, never copied
@@ -107,29 +101,15 @@ class NeuralRecommender:
             self.learner.add_items(items)
 
     def rank_batch(self, histories: Sequence[Sequence[str]], k: int,
-                   exclude: Sequence[Collection[str]],
-                   users: Sequence[str] | None = None) -> list[list[str]]:
-        """Top-k over the catalog from the harness's histories, with the weights as they are.
-
-        The cases are kept: if the batch learned next is this one (the prequential loop), they
-        are the trainer's `evaluate` of that batch, and feed the validation gate."""
-        ranked = self.learner.rank_batch(histories, k, exclude)
-        self._ranked = (list(users or ()), list(histories), list(exclude), ranked, k)
-        return ranked
+                   exclude: Sequence[Collection[str]]) -> list[list[str]]:
+        """Top-k over the catalog from the harness's histories, with the weights as they are."""
+        return self.learner.rank_batch(histories, k, exclude)
 
     def learn(self, batch: Sequence[Interaction]) -> None:
-        """The trainer's loop body: evaluate (feeds the gate), learn, publish every P batches."""
-        t0 = time.perf_counter()
-        if self.publish_every and self.cfg.gate:
-            users, histories, excludes, ranked, k = self._ranked or ([], [], [], [], 10)
-            if users != [e.user_id for e in batch]:  # not ranked just before: evaluate here
-                self.learner.evaluate(batch)
-            else:
-                targets = [e.item_id for e in batch]
-                hits = [1.0 if t in r[:k] else 0.0 for t, r in zip(targets, ranked, strict=True)]
-                self.learner.observe_for_gate(histories, excludes, targets, hits, k)
-        self._ranked = None
-        self.gate_s += time.perf_counter() - t0
+        """The trainer's loop body: learn, and publish every P batches if the gate passes.
+
+        (The trainer also `evaluate`s each batch before learning it, for its online HR@10
+        metric; the harness has just ranked the batch itself, and the gate does not use it.)"""
         t0 = time.perf_counter()
         self.learner.learn(batch)
         self.learner_s += time.perf_counter() - t0

@@ -81,9 +81,19 @@ class ModelConfig:
     # 0.2008 / 0.2018 at 200 events/s; held-out forgetting -2.0% / -11.1% at 20 events/s
     adaptive_lr: bool = False
     adaptive_lr_range: tuple[float, float] = (0.3, 3.0)  # bounds of the lr multiplier
-    gate: bool = True  # refuse to publish when HR@10 on a recent holdout slice collapses
-    gate_tolerance: float = 0.3  # refuse when the candidate's HR < (1 - tol) x the published one's
-    gate_min_events: int = 200  # fewer fresh events since the last publish: no verdict yet
+    # Validation gate: 1 event in `gate_holdout` (chosen by a stable hash, so every process
+    # picks the same ones) validates instead of training; the newest `gate_set` of them are
+    # events no version has trained on. At each publish the exact candidate weights and the
+    # last published ones rank them; the candidate is refused when its HR@10 is below
+    # (1 - gate_tolerance) x the published one's and the paired difference is gate_z standard
+    # errors or more (a sign test; 0: no significance needed). A held-out event joins the replay reservoir when it leaves
+    # the set, so it is still learned, later.
+    gate: bool = True
+    gate_tolerance: float = 0.3
+    gate_holdout: int = 16  # one event in this many validates (by hash of user, item, time)
+    gate_set: int = 256  # the newest held-out events the verdict ranks
+    gate_min_events: int = 50  # a smaller set: no verdict yet (publish)
+    gate_z: float = 2.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,6 +121,10 @@ class ModelConfig:
         if self.logq_halflife < 0:
             raise ValueError(f"logq_halflife must be >= 0 events (0: all time), got "
                              f"{self.logq_halflife}")
+        if self.gate_holdout < 2 or self.gate_set < 1 or self.gate_min_events < 1 or \
+                self.gate_z < 0:
+            raise ValueError("gate_holdout must be >= 2, gate_set and gate_min_events >= 1, "
+                             "gate_z >= 0")
         if self.negatives < 0 or not 0 <= self.replay_ratio <= 4:
             raise ValueError("negatives must be >= 0 and replay_ratio within [0, 4]")
         if self.temperature <= 0 or self.lr <= 0:

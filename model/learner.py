@@ -11,6 +11,7 @@ import copy
 import math
 import random
 import time
+import zlib
 from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -48,9 +49,18 @@ class GateDecision:
     """Whether the weights learned since the last publish may be published."""
 
     publish: bool
-    hr: float  # HR@10 of the candidate on the events since the last publish
+    hr: float  # HR@10 of the candidate on the held-out validation events
     reference: float  # HR@10 of the last published weights on the same events
-    events: int
+    events: int  # validation events ranked (0: no verdict, too few or nothing published yet)
+
+
+@dataclass
+class HeldOut:
+    """A validation event: no version trained on it while it is in the gate's set."""
+
+    example: Example  # (history rows, target row); learned through replay once it leaves
+    exclude: tuple[int, ...]  # rows of everything the user had interacted with before it
+    reference_hit: float | None = None  # the published weights' hit (None: not ranked yet)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -94,8 +104,9 @@ class OnlineLearner:
         self.anchor: list[torch.Tensor] | None = None
         self._published: dict[str, torch.Tensor] | None = None
         self._published_scorer: Scorer | None = None
-        self._gate_hits: list[float] = []  # candidate's prequential hits since the last publish
-        self._gate_published: list[float] = []  # the published weights' hits on the same events
+        self.validation: deque[HeldOut] = deque()  # the gate's set, oldest first
+        self._stamp = 0  # changes whenever the weights do
+        self._verdict: tuple[int, list[tuple[HeldOut, float]]] | None = None  # of the last gate()
         self._scorer: Scorer | None = None
         # linear item tower: the newest Scorer built, and the catalog rows whose ID row or text
         # changed since (None: everything, e.g. after a rollback), so the next is built from it
@@ -198,19 +209,42 @@ class OnlineLearner:
         return [self.item_ids[i] for i in self.histories.get(user_id, ())]
 
     def _observe(self, events: Sequence[Interaction]) -> list[Example]:
-        """Turn events into (history-before, target) examples and append them to histories."""
+        """Turn events into (history-before, target) examples and append them to histories.
+
+        The events the validation gate holds out (`holds_out`) go to its set instead of the
+        returned examples; they still join the user's history, as they do in serving."""
         out = []
         for e in events:
             target = self._ensure(e.item_id)
             hist = self.histories.setdefault(e.user_id, deque(maxlen=self.cfg.history_len))
-            out.append((tuple(hist), target))
+            seen = self.seen.setdefault(e.user_id, set())
+            example = (tuple(hist), target)
+            if self.holds_out(e):
+                self._hold(HeldOut(example, tuple(seen)))
+            else:
+                out.append(example)
             hist.append(target)
-            self.seen.setdefault(e.user_id, set()).add(target)
+            seen.add(target)
             self.counts[target] += 1
             self.total += 1
             self.freq[target] += 1
             self.freq_total += 1
         return out
+
+    def holds_out(self, event: Interaction) -> bool:
+        """Whether `event` validates the gate instead of training: one in `gate_holdout`, by a
+        hash of (user, item, time) that every process and run computes alike."""
+        if not self.cfg.gate:
+            return False
+        key = f"{event.user_id}\x1f{event.item_id}\x1f{event.ts!r}".encode()
+        return zlib.crc32(key) % self.cfg.gate_holdout == 0
+
+    def _hold(self, held: HeldOut) -> None:
+        self.validation.append(held)
+        if len(self.validation) > self.cfg.gate_set:
+            old = self.validation.popleft()  # no version trained on it; from now on one may
+            if self.cfg.replay:
+                self.reservoir.add(old.example)
 
     # ------------------------------------------------------------------ learning
     def learn(self, batch: Sequence[Interaction]) -> StepStats:
@@ -236,10 +270,12 @@ class OnlineLearner:
             self.reservoir.add(ex)
         self._set_lr(lr_mult)
         loss = penalty = grad_norm = 0.0
-        for _ in range(cfg.steps_per_batch):
-            loss, penalty, grad_norm = self._step(examples)
-        self._adapt_lr(loss, share)
+        if examples:  # else every event was held out for the gate: nothing to learn
+            for _ in range(cfg.steps_per_batch):
+                loss, penalty, grad_norm = self._step(examples)
+            self._adapt_lr(loss, share)
         self._move_ema_anchor(len(fresh))
+        self._stamp += 1
         self._scorer = None
         if cfg.policy != "head":
             self._refresh_text()
@@ -395,11 +431,7 @@ class OnlineLearner:
         return [[i for i, _ in r] for r in self.scorer().rank_batch(histories, k, exclude)]
 
     def evaluate(self, batch: Sequence[Interaction], k: int = 10) -> tuple[list[float], list[float]]:
-        """Prequential HR@k and NDCG@k per event, before learning it (histories grow in-batch).
-
-        With the gate on, the last published weights are scored on the same events: the gate
-        compares the two on data neither has trained on, so drift hits both alike.
-        """
+        """Prequential HR@k and NDCG@k per event, before learning it (histories grow in-batch)."""
         hist_of: dict[str, list[str]] = {}
         seen_of: dict[str, set[str]] = {}
         histories, excludes = [], []
@@ -411,47 +443,67 @@ class OnlineLearner:
             h.append(e.item_id)
             s.add(e.item_id)
         targets = [e.item_id for e in batch]
-        hits, ndcgs = _hits(self.rank_batch(histories, k, excludes), targets)
-        self.observe_for_gate(histories, excludes, targets, hits, k)
-        return hits, ndcgs
-
-    def observe_for_gate(self, histories: Sequence[Sequence[str]],
-                         excludes: Sequence[Collection[str]], targets: Sequence[str],
-                         hits: Sequence[float], k: int = 10) -> None:
-        """Record the current weights' prequential `hits` on these cases and score the last
-        published weights on the same cases, for `gate()`. `evaluate` calls it; a caller that
-        already ranked the cases itself (the benchmark) calls it directly."""
-        if self.cfg.gate and self._published_scorer is not None:
-            ranked = self._published_scorer.rank_batch(histories, k, excludes)
-            self._gate_published.extend(_hits([[i for i, _ in r] for r in ranked], targets)[0])
-            self._gate_hits.extend(hits)
+        return _hits(self.rank_batch(histories, k, excludes), targets)
 
     # ------------------------------------------------------------------ publishing
-    def gate(self) -> GateDecision:
-        """Validation gate: HR@10 of the candidate vs the last published weights on the events
-        since the last publish, each scored before any training on it. Refuses a candidate that
-        lost more than `gate_tolerance` of the published HR (garbage learned, divergence)."""
-        n = len(self._gate_hits)
-        hr = float(np.mean(self._gate_hits)) if n else 0.0
-        ref = float(np.mean(self._gate_published)) if n else 0.0
-        refuse = self.cfg.gate and n >= self.cfg.gate_min_events and \
-            hr < (1.0 - self.cfg.gate_tolerance) * ref
-        return GateDecision(not refuse, hr, ref, n)
+    def gate(self, k: int = 10) -> GateDecision:
+        """Validation gate: HR@k of the exact candidate weights (the current ones) vs the last
+        published weights on the held-out events, which neither has trained on, so drift hits
+        both alike. Refused when the candidate lost more than `gate_tolerance` of the published
+        HR and the paired difference is `gate_z` standard errors or more (a sign test on the
+        events where only one of the two hits). With fewer than `gate_min_events` held out, or nothing
+        published yet, there is no verdict: publish."""
+        held = list(self.validation)
+        cfg = self.cfg
+        if not cfg.gate or self._published_scorer is None or len(held) < cfg.gate_min_events:
+            return GateDecision(True, 0.0, 0.0, 0)
+        todo = [h for h in held if h.reference_hit is None]
+        if todo:  # the published weights rank each held-out event once
+            for h, hit in zip(todo, self._held_hits(self._published_scorer, todo, k), strict=True):
+                h.reference_hit = hit
+        hits = self._held_hits(self.scorer(), held, k)
+        self._verdict = (self._stamp, list(zip(held, hits, strict=True)))
+        refs = [h.reference_hit or 0.0 for h in held]
+        hr, ref = float(np.mean(hits)), float(np.mean(refs))
+        only_ref = sum(r > c for c, r in zip(hits, refs, strict=True))
+        only_cand = sum(c > r for c, r in zip(hits, refs, strict=True))
+        worse = only_ref - only_cand >= cfg.gate_z * math.sqrt(only_ref + only_cand)
+        refuse = hr < (1.0 - cfg.gate_tolerance) * ref and worse
+        return GateDecision(not refuse, hr, ref, len(held))
+
+    def _held_hits(self, scorer: Scorer, held: Sequence[HeldOut], k: int) -> list[float]:
+        t = self.cfg.history_len
+        hist = torch.full((len(held), t), -1, dtype=torch.long)
+        rows, cols = [], []
+        for r, h in enumerate(held):
+            past = h.example[0][-t:]
+            if past:
+                hist[r, t - len(past):] = torch.tensor(past)
+            rows.extend([r] * len(h.exclude))
+            cols.extend(h.exclude)
+        targets = torch.tensor([h.example[1] for h in held])
+        return scorer.hits(hist, (torch.tensor(rows, dtype=torch.long),
+                                  torch.tensor(cols, dtype=torch.long)), targets, k).tolist()
 
     def mark_published(self) -> None:
         """The current weights were published: they become the anchor, the rollback point and
-        the gate's reference."""
+        the gate's reference (whose hits on the held-out events the last verdict computed)."""
         if self.cfg.anchor != "ema":  # the ema anchor moves on its own clock
             self.anchor = [p.detach().clone() for p in self._dense]
         self._published = {k: v.detach().clone() for k, v in self.state_tensors().items()}
         self._published_scorer = self.scorer()
-        self._gate_hits, self._gate_published = [], []
+        judged = dict.fromkeys(map(id, self.validation))
+        if self._verdict is not None and self._verdict[0] == self._stamp:
+            judged.update((id(h), hit) for h, hit in self._verdict[1])
+        for h in self.validation:
+            h.reference_hit = judged[id(h)]
+        self._verdict = None
 
     def rollback(self) -> None:
         """Return to the last published weights (after the gate refused the candidate)."""
         if self._published is not None:
             self.load_tensors(self._published, self.item_ids[: self._published["id_emb"].shape[0]])
-        self._gate_hits, self._gate_published = [], []
+        self._verdict = None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything a server needs besides the base encoder: adapters, user tower, ID table."""
@@ -480,6 +532,7 @@ class OnlineLearner:
             self._refresh_text()
         self._touch(None)  # any row may differ from the last Scorer's
         self._scorer = None
+        self._stamp += 1
 
 
 def _hits(ranked: Sequence[Sequence[str]], targets: Sequence[str]) -> tuple[list[float], list[float]]:

@@ -267,6 +267,10 @@ class Scorer:
             known = [j for j in map(self.names.position, items) if j is not None][-t:]
             if known:
                 idx[row, t - len(known):] = torch.tensor(known)
+        return self._users_of_rows(idx)
+
+    def _users_of_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) catalog rows of histories, right-aligned, -1 = none -> (B, d) user vectors."""
         idx = idx.to(self.net.id_emb.device)
         mask = idx >= 0
         hist = self.net.history_vectors(self._item_vectors(idx.clamp(min=0)))
@@ -283,6 +287,20 @@ class Scorer:
     def matrix_bytes(self) -> int:
         """Bytes of the item matrix this Scorer reads (one side of the left-right pool)."""
         return quant.nbytes(self.cols if self.linear else self.items)
+
+    @torch.no_grad()
+    def hits(self, history_rows: torch.Tensor, exclude: tuple[torch.Tensor, torch.Tensor],
+             targets: torch.Tensor, k: int) -> torch.Tensor:
+        """1.0 where the target ranks in the top k, as `rank_batch` would rank it, in catalog
+        rows throughout: histories (B, T) right-aligned with -1 for none, excluded cells as
+        (row, column) index tensors, targets (B,). No sort and no per-row Python: the
+        validation gate calls it at every publish."""
+        scores = self.scores(self._users_of_rows(history_rows))
+        dev = scores.device
+        scores[exclude[0].to(dev), exclude[1].to(dev)] = float("-inf")
+        target = scores.gather(1, targets.to(dev).unsqueeze(1))
+        ahead = (scores > target).sum(dim=1)
+        return ((ahead < k) & torch.isfinite(target.squeeze(1))).float().cpu()
 
     @torch.no_grad()
     def rank_batch(self, histories: Sequence[Sequence[str]], k: int,

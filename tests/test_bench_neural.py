@@ -60,9 +60,9 @@ def test_rankings_never_see_the_event_being_predicted(tiny_base: ModelConfig) ->
     log: list[tuple[str, float]] = []
 
     class Spy(NeuralRecommender):
-        def rank_batch(self, histories, k, exclude, users=None):  # noqa: ANN001, ANN202
+        def rank_batch(self, histories, k, exclude):  # noqa: ANN001, ANN202
             log.append(("rank", self.learner.total))
-            return super().rank_batch(histories, k, exclude, users)
+            return super().rank_batch(histories, k, exclude)
 
         def learn(self, batch):  # noqa: ANN001, ANN202
             log.append(("learn", self.learner.total))

@@ -136,8 +136,8 @@ def test_unseen_users_and_items_are_handled(tiny_encoder) -> None:
 
 
 def test_replay_mixes_past_events_into_each_batch(tiny_encoder) -> None:
-    on = make(tiny_encoder, replay_ratio=0.5, step_events=40)
-    off = make(tiny_encoder, replay=False, step_events=40)
+    on = make(tiny_encoder, replay_ratio=0.5, step_events=40, gate=False)  # every event trains
+    off = make(tiny_encoder, replay=False, step_events=40, gate=False)
     on.learn(stream(100))
     off.learn(stream(100))
     assert on.learn(stream(40, 100)).replayed == 20
@@ -166,7 +166,7 @@ def test_per_event_update_does_not_depend_on_the_event_rate(tiny_encoder, mode) 
     the batch holds, so stepping at full lr on each tiny micro-batch ("none", the old trainer)
     learns each event many times harder: that made live learning worse than not learning."""
     base = make(tiny_encoder, step_events=96, small_batch=mode, adaptive_lr=False, replay=False,
-                anchor="none")
+                anchor="none", gate=False)
     for s in range(0, 384, 96):
         base.learn(stream(96, s))
     whole, singles = copy.deepcopy(base), copy.deepcopy(base)
@@ -217,8 +217,8 @@ def test_ema_anchor_trails_the_weights_with_its_half_life(tiny_encoder) -> None:
 
 
 def test_adaptive_lr_rises_on_drift_and_stays_fixed_when_off(tiny_encoder) -> None:
-    ada = make(tiny_encoder, adaptive_lr=True, step_events=100)
-    fixed = make(tiny_encoder, adaptive_lr=False, step_events=100)
+    ada = make(tiny_encoder, adaptive_lr=True, step_events=100, gate=False)
+    fixed = make(tiny_encoder, adaptive_lr=False, step_events=100, gate=False)
     for s in range(0, 2000, 100):
         ada.learn(stream(100, s))
         fixed.learn(stream(100, s))
@@ -236,6 +236,7 @@ def test_gate_refuses_garbage_and_rollback_restores_published(tiny_encoder) -> N
     learner.add_items([Item(f"x{i}", f"extra {i}") for i in range(300)])  # chance HR ~ 3%
     for s in range(0, 1500, 100):
         learner.learn(stream(100, s))
+    assert len(learner.validation) >= learner.cfg.gate_min_events
     learner.mark_published()
     published = {k: v.clone() for k, v in learner.state_tensors().items()}
     with torch.no_grad():  # learning garbage: every item becomes a random vector
@@ -243,16 +244,45 @@ def test_gate_refuses_garbage_and_rollback_restores_published(tiny_encoder) -> N
             p.copy_(torch.randn_like(p) * 0.01)
         learner.net.id_emb.copy_(torch.randn_like(learner.net.id_emb) * 5)
     learner._scorer = None
-    for s in range(1500, 1800, 100):
-        learner.evaluate(stream(100, s))
     decision = learner.gate()
     assert not decision.publish and decision.reference > decision.hr, decision
+    assert decision.events == len(learner.validation)
     learner.rollback()
     for k, v in learner.state_tensors().items():
         assert torch.equal(v, published[k]), k
-    for s in range(1800, 2100, 100):
-        learner.evaluate(stream(100, s))
     assert learner.gate().publish, "the published weights pass against themselves"
+
+
+def test_held_out_events_join_histories_not_training_and_replay_later(tiny_encoder) -> None:
+    learner = make(tiny_encoder, gate_set=20, replay_ratio=0.0)
+    events = stream(600)
+    held = [e for e in events if learner.holds_out(e)]
+    assert 0.03 < len(held) / len(events) < 0.1  # about one in 16
+    assert held == [e for e in events if make(tiny_encoder).holds_out(e)], "not stable"
+    stats = learner.learn(events)
+    assert stats.events == len(events) - len(held), "held-out events were trained"
+    assert [learner.item_ids[h.example[1]] for h in learner.validation] == \
+        [e.item_id for e in held][-20:]
+    assert len(learner.reservoir) == len(events) - 20, "events leaving the set are not replayed"
+    last = held[-1]
+    assert last.item_id in learner.history(last.user_id), "a held-out event left the history"
+    assert not make(tiny_encoder, gate=False).holds_out(held[0])
+
+
+@pytest.mark.parametrize("tower", ["mlp", "linear"])
+def test_the_gates_hit_count_equals_ranking_top_k(tiny_encoder, tower) -> None:
+    """`Scorer.hits` (vectorised, catalog rows) says hit exactly where `rank_batch`'s top 10,
+    with the same exclusions, holds the target."""
+    learner = make(tiny_encoder, item_tower=tower, gate_holdout=3)
+    for s in range(0, 900, 100):
+        learner.learn(stream(100, s))
+    held = list(learner.validation)
+    names = learner.item_ids
+    ranked = learner.rank_batch([[names[i] for i in h.example[0]] for h in held], 10,
+                                [{names[i] for i in h.exclude} for h in held])
+    expect = [float(names[h.example[1]] in r) for h, r in zip(held, ranked, strict=True)]
+    assert learner._held_hits(learner.scorer(), held, 10) == expect
+    assert 0 < sum(expect) < len(expect)
 
 
 @pytest.mark.parametrize("policy", ["lora", "full"])

@@ -167,9 +167,10 @@ def test_a_refused_interval_is_committed_only_with_a_version_that_records_it(
     version records them as refused, so a crash in between trains them again (issue 9 #4)."""
     trainer = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=50,
                            publish_interval_ms=0)
-    # A gate that must refuse: the candidate would need 101x the published weights' HR@10.
+    # A gate that must refuse: the candidate would need 101x the published weights' HR@10
+    # (half the events held out for it, no significance asked).
     trainer.learner.cfg = dataclasses.replace(trainer.learner.cfg, gate_tolerance=-100.0,
-                                              gate_min_events=1)
+                                              gate_min_events=1, gate_holdout=2, gate_z=0.0)
     trainer.add_items(ITEMS)
     tp = TopicPartition(TOPIC, 0)
     assert trainer.on_poll(poll(mixed_events(50), 0), now=1.0) == {tp: 50}  # nothing to gate yet
