@@ -160,7 +160,7 @@ class ProbeStats:
 class Prober(threading.Thread):
     """`clients` users asking GET /recommend in turn at `rate` req/s in all (settable)."""
 
-    def __init__(self, base: str, rate: float, clients: int = 4) -> None:
+    def __init__(self, base: str, rate: float, clients: int = 16) -> None:
         super().__init__(name="chaos-prober", daemon=True)
         self.base, self.rate, self.clients = base, rate, clients
         self.stats = ProbeStats()
