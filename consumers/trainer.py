@@ -176,17 +176,17 @@ class Trainer:
         self.batcher.add(polled.interactions, now)
         self.pending_offsets.update(polled.offsets)
         self.pending_items.extend(item for _, item in polled.items)
+        if polled.interactions and not self.rate_marks:
+            self.rate_marks.append((now, 0))  # the rate counts from the first event
         if self.lease is not None and (now - self._lease_renewed) * 3000 >= self.s.lease_ttl_ms:
             self.hold_lease(now)  # also while idle: a lease that lapses passes on
         if self.pending_items:
             self.add_items(self.pending_items)
             self.pending_items = []
         if self.batcher.due(now):
-            if not self.rate_marks:
-                self.rate_marks.append((self.batcher.opened, 0))  # rate counts from 1st event
-            self.train(self.batcher.take())
-            self.trained.update(self.pending_offsets)
-            self.pending_offsets = {}
+            while self.batcher.due(now):
+                self.train(self.batcher.take())
+            self._mark_trained()
         elif not len(self.batcher) and self.pending_offsets and not self.unpublished_events \
                 and not self.refused:
             # only items or invalid records since the last publish: nothing to wait for
@@ -197,6 +197,17 @@ class Trainer:
         if self.unpublished_events and (now - self.last_publish) * 1000 >= self.s.publish_interval_ms:
             return self.publish(now)
         return {}
+
+    def _mark_trained(self) -> None:
+        """Move the polled offsets the learner now covers to `trained`. A poll can leave a
+        micro-batch open (it filled one and began the next, or closed one whose window ran
+        out): a partition with events still waiting is covered up to its first waiting one."""
+        waiting: dict[TopicPartition, int] = {}
+        for src, _ in self.batcher.waiting():
+            waiting.setdefault(TopicPartition(src.topic, src.partition), src.offset)
+        self.trained.update({tp: waiting.get(tp, off) for tp, off in self.pending_offsets.items()})
+        self.pending_offsets = {tp: off for tp, off in self.pending_offsets.items()
+                                if tp in waiting}
 
     def train(self, batch: list[tuple[Source, Interaction]]) -> None:
         events = [e for _, e in batch]

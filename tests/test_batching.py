@@ -23,6 +23,26 @@ def test_batch_closes_by_size_or_by_time_whichever_first() -> None:
     assert batcher.opened == 14.0, "the window starts at the first event, not at an empty poll"
 
 
+def test_a_large_poll_fills_a_batch_and_opens_the_next() -> None:
+    """No micro-batch holds more than max_events, however large the poll (the trainer once
+    learned 30 + 40 events in one step with max_events=64)."""
+    batcher: MicroBatcher[int] = MicroBatcher(BatchPolicy(max_events=4, window_s=0.5))
+    batcher.add([1, 2], now=0.0)
+    batcher.add([3, 4, 5, 6, 7, 8, 9], now=0.1)
+    assert batcher.due(0.1) and batcher.take() == [1, 2, 3, 4]
+    assert batcher.due(0.1) and batcher.take() == [5, 6, 7, 8]
+    assert not batcher.due(0.1) and batcher.waiting() == [9] and batcher.opened == 0.1
+
+
+def test_records_that_arrive_after_the_window_start_the_next_batch() -> None:
+    """The open micro-batch closed when its window ran out; later records are not in it."""
+    batcher: MicroBatcher[int] = MicroBatcher(BatchPolicy(max_events=4, window_s=0.5))
+    batcher.add([1], now=0.0)
+    batcher.add([2, 3], now=0.7)
+    assert batcher.take() == [1]
+    assert not batcher.due(0.7) and batcher.waiting() == [2, 3]
+
+
 @pytest.mark.parametrize(("rate", "sizes"), [
     (1000.0, [4, 4, 2]),  # fast: full batches
     (20.0, [3, 3, 3, 1]),  # 0.15 s windows at 20/s: events at 0, .05, .10 | .15, .20, .25 | ...

@@ -79,10 +79,13 @@ def test_offsets_wait_for_the_version_that_includes_them(redis_url, namespace,
     assert trainer.on_poll(poll(events(30), 0), now=0.0) == {}, "batch still open"
     assert trainer.on_poll(Polled(), now=0.5) == {}
     assert trainer.weights.current() is None
-    done = trainer.on_poll(poll(events(40, 30), 30), now=0.6)  # full: learned and published
-    assert done == {TopicPartition(TOPIC, 0): 70}
+    done = trainer.on_poll(poll(events(40, 30), 30), now=0.6)  # 64 learned, 6 wait
+    assert done == {TopicPartition(TOPIC, 0): 64}, "committed events that wait in the batcher"
     manifest = trainer.weights.manifest(trainer.weights.current())
-    assert manifest.trained_through["offsets"] == {f"{TOPIC}:0": 70}
+    assert manifest.trained_through["offsets"] == {f"{TOPIC}:0": 64}
+    assert trainer.events_total == 64, "a micro-batch held more than batch_max_events"
+    assert trainer.resume_offsets(TOPIC) == {TopicPartition(TOPIC, 0): 70}, "polled already"
+    assert trainer.on_poll(Polled(), now=1.7) == {TopicPartition(TOPIC, 0): 70}  # window ran out
 
 
 def test_a_resumed_trainer_keeps_the_offsets_of_partitions_it_has_not_seen_since(
