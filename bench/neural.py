@@ -5,10 +5,13 @@ Every neural method wraps one `model.learner.OnlineLearner` behind the harness's
 - `rank_batch` ranks with the histories and exclusions the harness gives (identical for every
   method: the user's items before the event, earlier events of the same micro-batch included).
 - `learn(batch)` runs the trainer consumer's loop body (`consumers/trainer.py`): `learn`, and
-  every `publish_every` batches (or, with a rate, publish interval) `gate()` ->
-  `mark_published()` or `rollback()`. The gate ranks its own held-out events (one in 16, see
-  `OnlineLearner.holds_out`), exactly as in the trainer. The harness always ranks a batch
-  before it calls `learn` on it, so the state that ranks never includes the event.
+  every `publish_every` batches `gate()` -> `mark_published()` or `rollback()`. With a rate,
+  the harness calls `tick(now)` after every simulated poll instead, and it publishes as the
+  trainer does (`model.batching.publish_due`). The gate ranks its own held-out events (one in
+  16, see `OnlineLearner.holds_out`), exactly as in the trainer. The harness always ranks a
+  batch before it calls `learn` on it, so the state that ranks never includes the event.
+  tests/test_bench_trainer_equivalence.py checks that this loop and `Trainer.on_poll` end
+  with the same weights.
 - The learner keeps its own user histories, built from the events it learns; these are the
   harness's histories minus the held-out warm-up events, which no method learns (item-KNN keeps
   its own history the same way).
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from freshrec.data import Interaction, Item
+from model.batching import publish_due
 from model.config import ModelConfig
 from model.encoder import TextEncoder
 from model.learner import OnlineLearner
@@ -71,11 +75,11 @@ class NeuralRecommender:
                  publish_interval_s: float = 0.25) -> None:
         self.name = name
         self.cfg = cfg
-        self.publish_every = publish_every
-        # with a rate, publish as the trainer does: after a batch, if publish_interval_s of the
-        # arrival clock (events learned / rate) passed since the last publish
+        self.publish_every = publish_every  # None: never publish
+        # with a rate, publish as the trainer does (`tick`): after a poll, if anything was
+        # learned and publish_interval_s of the arrival clock passed since the last publish
         self.rate, self.publish_interval_s = rate, publish_interval_s
-        self.events = 0
+        self.unpublished = 0  # events learned since the last publish or refusal
         self._published_at = 0.0
         encoder = shared_encoder(cfg) if cfg.policy == "head" else None
         self.learner = OnlineLearner(cfg, encoder, device="cpu")
@@ -106,7 +110,8 @@ class NeuralRecommender:
         return self.learner.rank_batch(histories, k, exclude)
 
     def learn(self, batch: Sequence[Interaction]) -> None:
-        """The trainer's loop body: learn, and publish every P batches if the gate passes.
+        """The trainer's loop body: learn, and publish every P batches if the gate passes (with
+        a rate, after warm-up: when `tick` says).
 
         (The trainer also `evaluate`s each batch before learning it, for its online HR@10
         metric; the harness has just ranked the batch itself, and the gate does not use it.)"""
@@ -114,32 +119,35 @@ class NeuralRecommender:
         self.learner.learn(batch)
         self.learner_s += time.perf_counter() - t0
         self.batches += 1
-        self.events += len(batch)
-        if self._publish_due():
-            t0 = time.perf_counter()
-            if self.learner.gate().publish:
-                self.learner.mark_published()
-                self.publishes += 1
-            else:
-                self.learner.rollback()
-                self.refusals += 1
-            self.gate_s += time.perf_counter() - t0
+        self.unpublished += len(batch)
+        on_clock = self.rate is not None and self.streaming
+        if self.publish_every and not on_clock and self.batches % self.publish_every == 0:
+            self._publish()
 
-    def _publish_due(self) -> bool:
-        if not self.publish_every:
-            return False
-        if self.rate is None or not self.streaming:
-            return self.batches % self.publish_every == 0
-        now = self.events / self.rate
-        if now - self._published_at < self.publish_interval_s:
-            return False
-        self._published_at = now
-        return True
+    def tick(self, now: float) -> None:
+        """A simulated poll at `now` on the stream's arrival clock (after the micro-batches it
+        closed were learned): publish if the trainer would."""
+        if self.publish_every and self.rate is not None and self.streaming and self.unpublished \
+                and publish_due(now, self._published_at, 1000 * self.publish_interval_s):
+            self._published_at = now
+            self._publish()
+
+    def _publish(self) -> None:
+        """Gate the current weights: publish them, or roll back to the last published ones."""
+        t0 = time.perf_counter()
+        if self.learner.gate().publish:
+            self.learner.mark_published()
+            self.publishes += 1
+        else:
+            self.learner.rollback()
+            self.refusals += 1
+        self.unpublished = 0
+        self.gate_s += time.perf_counter() - t0
 
     def end_warmup(self) -> None:
         """The stream starts: from now on batches arrive on the rate's clock."""
         self.streaming = True
-        self.events, self._published_at = 0, 0.0
+        self._published_at = 0.0
 
     def stats(self) -> dict[str, Any]:
         """Extra numbers for quality.json."""

@@ -51,7 +51,7 @@ from freshrec.data import (
     ml100k_dir,
     synthetic_stream,
 )
-from model.batching import BatchPolicy, arrival_batches
+from model.batching import BatchPolicy, arrival_polls
 from model.config import ModelConfig
 
 __all__ = [
@@ -320,12 +320,13 @@ def _batches(events: Sequence[Interaction], size: int) -> Iterator[Sequence[Inte
         yield events[start : start + size]
 
 
-def _stream_batches(events: Sequence[Interaction], cfg: QualityConfig
-                   ) -> Iterator[Sequence[Interaction]]:
-    """The stream's micro-batches: fixed-size, or as the live trainer closes them at `cfg.rate`."""
+def _stream_polls(events: Sequence[Interaction], cfg: QualityConfig
+                  ) -> Iterator[tuple[float | None, Sequence[Sequence[Interaction]]]]:
+    """(clock time, the micro-batches learned then): fixed-size batches one at a time on no
+    clock, or the live trainer's polls with the batches they close at `cfg.rate`."""
     if cfg.rate is None:
-        return _batches(events, cfg.batch_size)
-    return arrival_batches(events, cfg.rate, BatchPolicy(cfg.batch_size, cfg.batch_window_s))
+        return ((None, [batch]) for batch in _batches(events, cfg.batch_size))
+    return arrival_polls(events, cfg.rate, BatchPolicy(cfg.batch_size, cfg.batch_window_s))
 
 
 class _Histories:
@@ -449,37 +450,41 @@ def prequential(
     window = Scores()
     window_start = 0
     k = cfg.k
-    for batch in _stream_batches(split.stream, cfg):
-        cases = []
-        for event in batch:
-            cases.append(hist.case(event))
-            hist.add(event)
-        t0 = time.perf_counter()
-        ranked = rank_cases(model, cases, k)
-        result.rank_s += time.perf_counter() - t0
-        for case, top in zip(cases, ranked, strict=True):
-            hit, gain = ndcg_at(top, case.item_id, k)
-            result.overall.add(hit, gain)
-            result.per_event.append((hit, gain))
-            window.add(hit, gain)
-            new_user = case.user_id not in warm_users
-            cold_item = case.item_id not in warm_items
-            if new_user:
-                result.slices["new_users"].add(hit, gain)
-            if cold_item:
-                result.slices["cold_items"].add(hit, gain)
-            if not (new_user or cold_item):
-                result.slices["rest"].add(hit, gain)
-            if window.n == cfg.window:
-                result.windows.append(
-                    {"start": window_start, "end": window_start + window.n, **window.as_dict(k)}
-                )
-                window_start += window.n
-                window = Scores()
-        t0 = time.perf_counter()
-        model.learn(batch)
-        result.learn_s += time.perf_counter() - t0
-        result.events += len(batch)
+    for now, batches in _stream_polls(split.stream, cfg):
+        for batch in batches:
+            cases = []
+            for event in batch:
+                cases.append(hist.case(event))
+                hist.add(event)
+            t0 = time.perf_counter()
+            ranked = rank_cases(model, cases, k)
+            result.rank_s += time.perf_counter() - t0
+            for case, top in zip(cases, ranked, strict=True):
+                hit, gain = ndcg_at(top, case.item_id, k)
+                result.overall.add(hit, gain)
+                result.per_event.append((hit, gain))
+                window.add(hit, gain)
+                new_user = case.user_id not in warm_users
+                cold_item = case.item_id not in warm_items
+                if new_user:
+                    result.slices["new_users"].add(hit, gain)
+                if cold_item:
+                    result.slices["cold_items"].add(hit, gain)
+                if not (new_user or cold_item):
+                    result.slices["rest"].add(hit, gain)
+                if window.n == cfg.window:
+                    result.windows.append(
+                        {"start": window_start, "end": window_start + window.n, **window.as_dict(k)}
+                    )
+                    window_start += window.n
+                    window = Scores()
+            t0 = time.perf_counter()
+            model.learn(batch)
+            result.learn_s += time.perf_counter() - t0
+            result.events += len(batch)
+        tick = getattr(model, "tick", None)
+        if now is not None and tick is not None:
+            tick(now)  # a model that publishes on the trainer's clock
     if window.n:
         result.windows.append(
             {"start": window_start, "end": window_start + window.n, **window.as_dict(k)}

@@ -23,7 +23,7 @@ from consumers import metrics as transport_metrics
 from consumers import trainer_metrics as metrics
 from consumers.loop import Polled, Transport
 from consumers.settings import TrainerSettings
-from model.batching import BatchPolicy, MicroBatcher
+from model.batching import BatchPolicy, MicroBatcher, publish_due
 from model.config import ModelConfig
 from model.encoder import TextEncoder
 from model.events import Interaction, Item
@@ -184,8 +184,8 @@ class Trainer:
             self.add_items(self.pending_items)
             self.pending_items = []
         if self.batcher.due(now):
-            while self.batcher.due(now):
-                self.train(self.batcher.take())
+            for batch in self.batcher.take_due(now):
+                self.train(batch)
             self._mark_trained()
         elif not len(self.batcher) and self.pending_offsets and not self.unpublished_events \
                 and not self.refused:
@@ -194,7 +194,8 @@ class Trainer:
             self.pending_offsets = {}
             done, self.trained = self.trained, {}
             return done
-        if self.unpublished_events and (now - self.last_publish) * 1000 >= self.s.publish_interval_ms:
+        if self.unpublished_events and publish_due(now, self.last_publish,
+                                                   self.s.publish_interval_ms):
             return self.publish(now)
         return {}
 

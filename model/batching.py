@@ -1,7 +1,8 @@
-"""When the trainer takes a step: micro-batches closed by size or by time, whichever comes first.
+"""When the trainer takes a step and when it publishes: micro-batches closed by size or by time,
+whichever comes first; a publish at most every interval.
 
 The same rule drives the live trainer (`consumers/trainer.py`, with the poll clock) and the
-offline benchmark (`arrival_batches`, with a simulated arrival clock at a stated event rate), so
+offline benchmark (`arrival_polls`, with a simulated arrival clock at a stated event rate), so
 the two learn from identically shaped micro-batches (tests/test_bench_trainer_equivalence.py
 feeds both the same events and compares the weights). How a small micro-batch is learned
 (lr-scaled) is the learner's business: `ModelConfig.step_events`.
@@ -9,6 +10,7 @@ feeds both the same events and compares the weights). How a small micro-batch is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -68,6 +70,20 @@ class MicroBatcher(Generic[T]):
         """The oldest closed micro-batch, else the open one (a new one then starts empty)."""
         return self.closed.pop(0) if self.closed else self._close()
 
+    def take_due(self, now: float) -> list[list[T]]:
+        """Every micro-batch due at `now`, oldest first."""
+        out = []
+        while self.due(now):
+            out.append(self.take())
+        return out
+
+    def closes_at(self) -> float:
+        """The first clock time at which the open micro-batch's window has run out."""
+        t = self.opened + self.policy.window_s
+        while t - self.opened < self.policy.window_s:  # the sum rounded down
+            t = math.nextafter(t, math.inf)
+        return t
+
     def waiting(self) -> list[T]:
         """Every record not taken yet, oldest first."""
         return [r for batch in self.closed for r in batch] + self.records
@@ -80,12 +96,20 @@ class MicroBatcher(Generic[T]):
         return out
 
 
-def arrival_batches(records: Sequence[T], rate: float, policy: BatchPolicy) -> Iterator[list[T]]:
-    """The micro-batches a trainer would learn if `records` arrived evenly at `rate` per second.
+def publish_due(now: float, last_publish: float, interval_ms: float) -> bool:
+    """Whether `interval_ms` has passed since the last publish (or refusal). The trainer asks
+    after every poll, if it learned anything since; the benchmark after every simulated one."""
+    return (now - last_publish) * 1000 >= interval_ms
 
-    Record i arrives at i / rate and is handed to a `MicroBatcher` exactly as the trainer hands
-    it a poll (`consumers/trainer.py`): `add`, then `take` while `due`; the last, still open
-    micro-batch comes last.
+
+def arrival_polls(records: Sequence[T], rate: float, policy: BatchPolicy
+                  ) -> Iterator[tuple[float, list[list[T]]]]:
+    """The trainer's polls if `records` arrived evenly at `rate` per second, one record each:
+    (the poll's clock time, the micro-batches it closed).
+
+    Record i arrives at i / rate and is handed to a `MicroBatcher` as `Trainer.on_poll` hands
+    it a poll (`add`, then `take_due`); a last, empty poll closes the micro-batch still open
+    the moment its window runs out.
     """
     if rate <= 0:
         raise ValueError(f"rate must be positive events/s, got {rate}")
@@ -93,7 +117,13 @@ def arrival_batches(records: Sequence[T], rate: float, policy: BatchPolicy) -> I
     for i, record in enumerate(records):
         now = i / rate
         batcher.add([record], now)
-        while batcher.due(now):
-            yield batcher.take()
+        yield now, batcher.take_due(now)
     if len(batcher):
-        yield batcher.take()
+        now = batcher.closes_at()
+        yield now, batcher.take_due(now)
+
+
+def arrival_batches(records: Sequence[T], rate: float, policy: BatchPolicy) -> Iterator[list[T]]:
+    """The micro-batches of `arrival_polls`, in order."""
+    for _, batches in arrival_polls(records, rate, policy):
+        yield from batches

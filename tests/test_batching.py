@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.batching import BatchPolicy, MicroBatcher, arrival_batches
+from model.batching import BatchPolicy, MicroBatcher, arrival_batches, arrival_polls, publish_due
 
 
 def test_batch_closes_by_size_or_by_time_whichever_first() -> None:
@@ -52,6 +52,20 @@ def test_arrival_batches_follow_the_rate(rate: float, sizes: list[int]) -> None:
     batches = list(arrival_batches(list(range(10)), rate, BatchPolicy(4, 0.15)))
     assert [len(b) for b in batches] == sizes
     assert [x for b in batches for x in b] == list(range(10)), "order kept, nothing lost"
+
+
+def test_arrival_polls_are_the_trainers_polls_one_record_each() -> None:
+    """What the benchmark replays at a rate: a poll per arrival with the batches it closed, and
+    a last poll the moment the open batch's window runs out (after the last arrival)."""
+    polls = list(arrival_polls(list(range(5)), 10.0, BatchPolicy(2, 0.15)))
+    assert polls[:5] == [(0.0, []), (0.1, [[0, 1]]), (0.2, []), (0.3, [[2, 3]]), (0.4, [])]
+    last, batches = polls[5]
+    assert batches == [[4]] and 0.55 <= last < 0.55 + 1e-9
+
+
+def test_publish_due_after_the_interval() -> None:
+    assert not publish_due(1.2, 1.0, 250)
+    assert publish_due(1.25, 1.0, 250) and publish_due(5.0, 1.0, 0)
 
 
 def test_policy_errors_are_sentences() -> None:
