@@ -59,7 +59,7 @@ SCENARIOS = {
     # micro-batches close by time (9 events); publishes come between them, at arrivals
     "slow": Scenario(60.0, 32, 0.15, 0.25),
     "slow-every-batch": Scenario(60.0, 32, 0.15, 0.0),
-    "fast": Scenario(400.0, 32, 0.15, 0.1),  # they close by size; ~a publish per batch
+    "fast": Scenario(400.0, 32, 0.15, 0.1),  # they close by size; a publish per ~1.3 batches
 }
 
 
@@ -107,7 +107,7 @@ def stream() -> tuple[list[Item], list[Interaction]]:
 
 def through_benchmark(cfg: ModelConfig, sc: Scenario, items: list[Item],
                       events: list[Interaction]) -> Record:
-    """The benchmark's stream loop, publishing after every micro-batch."""
+    """The benchmark's stream loop (`freshrec bench quality --rate R` after the warm-up)."""
     model = NeuralRecommender(cfg, rate=sc.rate, publish_every=1, publish_interval_s=sc.publish_s)
     rec = recorded(model.learner)
     model.add_items(items)
@@ -142,8 +142,8 @@ def through_trainer(cfg: ModelConfig, sc: Scenario, items: list[Item],
             items=[(Source("items", 0, k, 0), it) for k, it in enumerate(items)] if not start
             else [],  # the catalog comes first, as the features consumer stored it
             offsets={tp: start + len(chunk)})
-        trainer.on_poll(polled, now=start / sc.rate if sc.rate else float(start))  # as
-        # `arrival_batches` computes it: i * (1 / rate) can differ in the last bit
+        # the clock as `arrival_polls` computes it: i * (1 / rate) can differ in the last bit
+        trainer.on_poll(polled, now=start / sc.rate if sc.rate else float(start))
     if len(trainer.batcher):
         trainer.on_poll(Polled(), now=trainer.batcher.closes_at())
     assert trainer.published, "the trainer never published"
