@@ -25,6 +25,20 @@ from protocol.topics import Source, decode_interaction, decode_item, ensure_topi
 log = logging.getLogger(__name__)
 DLQ_WAIT_S = 10.0  # the longest a poll waits for its DLQ writes (their delivery timeout is 5 s)
 DLQ_RETRY_S = 1.0  # pause before a poll whose DLQ writes failed is fetched again
+# An assigned partition that stays behind its log end this long without a record is stalled.
+# kafka-python 3.0.x can leave a partition unfetchable after a rebalance (dpkp/kafka-python
+# #3106, #3131): polls return nothing while the lag grows, for good. Measured in the chaos
+# run: a trainer restarted by a kill -9 published nothing for minutes with 20,000 events
+# waiting. First remedy: seek the partition to its own position and resume it (both reset the
+# client's fetch state; nothing is skipped or read twice). If it is still stalled after
+# another STALL_S, the process exits (ConsumerStalled): its supervisor restarts it and the
+# restart rejoins the group, resuming from committed (trainer: published) offsets.
+STALL_S = 15.0
+
+
+class ConsumerStalled(RuntimeError):
+    """Polls return nothing while an assigned partition is behind its log end, even after the
+    transport reset its fetch state: the process should exit and be restarted."""
 
 
 @dataclass
@@ -93,6 +107,9 @@ class Transport:
         self.producer: KafkaProducer | None = self._dlq_producer() if dlq else None
         self.running = True
         self._last_lag = 0.0
+        self.stall_s = STALL_S
+        self._progress_at = time.monotonic()  # last poll with records, or with nothing to fetch
+        self._reset_at = float("-inf")  # last time a stall was met by resetting the fetch state
 
     def _dlq_producer(self) -> KafkaProducer:
         # Delivery is bounded below DLQ_WAIT_S, so every DLQ write has an outcome to check.
@@ -111,6 +128,7 @@ class Transport:
         """Poll once and decode. Bad records never raise: they land in `errors` (and the DLQ)."""
         out = Polled()
         batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.max_records)
+        self._watch_for_stall(any(batches.values()))
         for tp, records in batches.items():
             for rec in records:
                 src = Source(tp.topic, tp.partition, rec.offset, rec.timestamp)
@@ -168,6 +186,50 @@ class Transport:
                     pass
             return False
         return True
+
+    def _watch_for_stall(self, got_records: bool) -> None:
+        """Notice a partition that fetches nothing while its log grows (see STALL_S)."""
+        now = time.monotonic()
+        if got_records:
+            self._progress_at = now
+            return
+        if now - self._progress_at < self.stall_s:
+            return
+        behind = self._behind()
+        if not behind:  # idle: nothing to fetch
+            self._progress_at = now
+            return
+        where = ", ".join(f"{tp.topic}:{tp.partition} at {pos} of {end}"
+                          for tp, (pos, end) in sorted(behind.items()))
+        metrics.STALLS.labels(self.name).inc()
+        if self._reset_at < self._progress_at:
+            log.warning("no record for %.0f s while behind the log end (%s): resetting the "
+                        "fetch state of those partitions", now - self._progress_at, where)
+            self._reset_fetch(behind)
+            self._reset_at = self._progress_at = now
+            return
+        raise ConsumerStalled(f"{self.name}: still no record {now - self._reset_at:.0f} s after "
+                              f"resetting the fetch state ({where}); exiting to be restarted")
+
+    def _behind(self) -> dict[TopicPartition, tuple[int, int]]:
+        """Assigned partitions whose position is short of the log end: {tp: (position, end)}."""
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return {}
+        try:
+            ends = self.consumer.end_offsets(assigned, timeout_ms=2_000)
+            positions = {tp: self.consumer.position(tp, timeout_ms=2_000) for tp in assigned}
+        except KafkaError as exc:
+            log.warning("stall check skipped: %s", exc)  # the broker is down: not a stall
+            return {}
+        return {tp: (positions[tp], ends[tp]) for tp in assigned
+                if positions.get(tp) is not None and ends.get(tp) is not None
+                and positions[tp] < ends[tp]}
+
+    def _reset_fetch(self, behind: Mapping[TopicPartition, tuple[int, int]]) -> None:
+        self.consumer.resume(*behind)  # freshrec never pauses a partition itself
+        for tp, (pos, _) in behind.items():
+            self.consumer.seek(tp, pos)
 
     def _update_lag(self) -> None:
         now = time.monotonic()

@@ -11,6 +11,10 @@ LAG = Gauge("freshrec_consumer_lag", "Records behind the partition's high waterm
             "on brokers whose end offsets lag).", ["consumer", "topic", "partition"])
 DLQ = Counter("freshrec_dlq_messages", "Invalid records set aside (sent to the DLQ by the "
               "features consumer, skipped by the trainer).", ["consumer", "reason"])
+STALLS = Counter("freshrec_consumer_stalls", "Stall checks that found an assigned partition "
+                 "behind its log end with no record for 15 s (each resets the "
+                 "fetch state; a second one in a row ends the process, to be restarted).",
+                 ["consumer"])
 DLQ_FAILURES = Counter("freshrec_dlq_write_failures", "Polls whose DLQ writes failed (fetched "
                        "again, not committed).", ["consumer"])
 

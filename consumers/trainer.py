@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 
 from consumers import metrics as transport_metrics
 from consumers import trainer_metrics as metrics
-from consumers.loop import Polled, Transport
+from consumers.loop import ConsumerStalled, Polled, Transport
 from consumers.settings import TrainerSettings
 from model.batching import BatchPolicy, MicroBatcher, publish_due
 from model.config import ModelConfig
@@ -376,7 +376,7 @@ def run(settings: TrainerSettings) -> None:
         try:
             if not serve(settings, trainer):
                 return
-        except LeaseLost as exc:
+        except (LeaseLost, ConsumerStalled) as exc:  # a stalled consumer: a fresh one
             log.warning("%s; starting over from the current version (nothing unpublished was "
                         "committed)", exc)
 
