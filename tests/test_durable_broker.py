@@ -11,6 +11,7 @@ the check is known to catch a broker that is not durable."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -141,3 +142,36 @@ def test_the_same_check_sees_an_in_memory_broker_lose_everything(tmp_path) -> No
     lost = [seq for seq, at in out["acked"].items() if out["read"].get(seq) != at]
     assert len(lost) == N
     assert not any(out["committed_after"].values())
+
+
+def test_freshrec_up_durable_broker_restarts_a_killed_broker_with_its_log(tmp_path) -> None:
+    """`freshrec up --durable-broker`'s wiring: the S3 server and Tansu as children of the
+    stack; Tansu killed -9 is started again by the supervisor, and what it acked is there."""
+    from freshrec.cli import Stack, _start_broker, main
+    from freshrec.services import port_open
+    from protocol.topics import ensure_topics
+    from tests.conftest import wait_for
+
+    with pytest.raises(SystemExit):
+        main(["up", "--durable-broker", "--broker-storage", "postgres://x@127.0.0.1/x"])
+    stack = Stack(tmp_path / "logs")
+    stack.BACKOFF_MIN_S = 0.2  # type: ignore[misc] - the schedule, scaled down for a test
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    args = argparse.Namespace(broker_storage="memory://tansu/", durable_broker=True)
+    try:
+        assert _start_broker(args, stack, tmp_path, port)  # a new, empty log: Redis is stale
+        assert [c.name for c in stack.children] == ["s3", "tansu"]
+        ensure_topics(bootstrap, [TOPIC], PARTITIONS)
+        acked = _produce(bootstrap, 0, 300)
+        tansu = stack.children[1]
+        tansu.proc.kill()
+        tansu.proc.wait()
+
+        def restarted() -> bool:
+            stack.check()  # the `freshrec up` loop calls this every 2 s
+            return tansu.restarts == 1 and port_open("127.0.0.1", port)
+        wait_for(restarted, 20, "the broker started again")
+        assert _read_all(bootstrap, 300) == acked
+    finally:
+        stack.stop()
