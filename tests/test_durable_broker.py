@@ -211,3 +211,29 @@ def test_freshrec_up_durable_broker_restarts_a_killed_broker_with_its_log(tmp_pa
         assert _read_all(bootstrap, 300) == acked
     finally:
         stack.stop()
+
+
+def test_a_commit_while_the_broker_is_down_is_refused_not_raised(tmp_path, namespace) -> None:
+    """Found by the chaos harness's broker fault: the features consumer died on a commit made
+    while the broker was down (KafkaConnectionError escaped `Transport.commit`). The commit
+    must say it failed (the records come again) and the consumer carry on."""
+    from kafka.structs import TopicPartition
+
+    from consumers.loop import Transport
+    from consumers.settings import FeaturesSettings
+    from tests.conftest import wait_for
+
+    port = free_port()
+    s = FeaturesSettings(kafka_bootstrap=f"127.0.0.1:{port}", topic_interactions=f"{namespace}.i",
+                         topic_items=f"{namespace}.it", topic_dlq=f"{namespace}.dlq",
+                         partitions=1, features_group=f"{namespace}-features")
+    broker = start_tansu(port, tmp_path / "tansu.log")
+    transport = Transport(s, s.features_group, "features", dlq=False)
+    try:
+        wait_for(lambda: (transport.poll(200), transport.consumer.assignment())[1], 60,
+                 "the partitions assigned")
+        _stop(broker)
+        assert transport.commit({TopicPartition(s.topic_interactions, 0): 0}) is False
+    finally:
+        transport.close()
+        _stop(broker)
