@@ -15,12 +15,18 @@ sequence-numbered events (user, item, seq) to the broker the whole time; a probe
 | hot_swaps | N new versions served while the prober asks 200 req/s |
 | redis_sigstop | Redis paused 10 s |
 | redis_flushall / redis_restart_empty | Redis loses everything mid-stream |
-| broker_restart | the broker killed and started again (after the check: in-memory storage) |
+| broker_restart | the broker killed (-9) and started again, clients connected (after the check) |
 
 Then the stream stops, the run settles, and `bench.chaos_check` judges every event. A fault's
 `recovered_s` is the longest time from an injection until the pipeline is back within
 `LAG_OK_S` of the stream with a version (or features) made after it. Writes DIR/chaos.json
 and DIR/evidence.json; prints a table.
+
+The broker keeps its log in memory. broker_restart runs on a durable broker when SeaweedFS is
+installed (`freshrec[durable]`): Tansu on S3 storage, as `freshrec up --durable-broker` starts
+it, so nothing it acknowledged may be lost when it is killed. With other faults in the run it
+gets a short run of its own (a long log of small batches reads slowly from S3 storage; the
+other faults keep the in-memory broker). `--broker memory|durable` puts the whole run on one.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from typing import Any
 import httpx
 
 from bench.chaos_check import Evidence, Phase, Record, check, partition_offsets
-from bench.chaos_parts import ITEMS, OwnedRedis, Prober, Producer, VersionLog
+from bench.chaos_parts import ITEMS, OwnedRedis, Poster, Prober, Producer, VersionLog
 from bench.stack import BenchStack
 
 FULL = {"trainer_kill9": 50, "features_kill9": 20, "trainer_sigterm": 20,
@@ -58,7 +64,7 @@ class Chaos:
     """The run: stack, producer, prober, version log, and the faults."""
 
     def __init__(self, home: Path, rate: float, seed: int, encoder: str,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], durable_broker: bool = False) -> None:
         from freshrec.services import free_port
         from protocol.topics import ensure_topics
 
@@ -70,7 +76,8 @@ class Chaos:
                "FRESHREC_USER_TTL_S": "0", "FRESHREC_KEEP_VERSIONS": "50"}
         if encoder:
             env["FRESHREC_ENCODER_PATH"] = encoder
-        self.live = BenchStack(home, self.redis.url, env=env, prefix="chaos")
+        self.live = BenchStack(home, self.redis.url, env=env, prefix="chaos",
+                               durable_broker=durable_broker)
         self.live.stack.BACKOFF_MAX_S = 1.0  # restart at once: the faults are the point here
         self.topic = self.live.env.get("FRESHREC_TOPIC_INTERACTIONS", "freshrec.interactions")
         self.items_topic = self.live.env.get("FRESHREC_TOPIC_ITEMS", "freshrec.items")
@@ -177,8 +184,8 @@ class Chaos:
             out = {"error": str(exc), "recovered_s": None}
         after = self.prober.snapshot()
         self.phases.append(Phase(name, seq0, self.producer.sent, t0, time.time()))
-        out.update(events=self.producer.sent - seq0,
-                   version_went_back=after.regressions - before.regressions,
+        out.setdefault("events", self.producer.sent - seq0)
+        out.update(version_went_back=after.regressions - before.regressions,
                    http_5xx=after.http_5xx - before.http_5xx,
                    http_errors=after.errors - before.errors,
                    requests=after.requests - before.requests,
@@ -286,40 +293,77 @@ class Chaos:
             return None
         return round(time.monotonic() - t_inject, 2)
 
-    def broker_restart(self) -> dict[str, Any]:
-        """Kill the broker: POST /events must answer 503 within 1 s, /recommend stay up; then
-        start it again on the same port (in-memory storage: its log is gone with it)."""
-        from freshrec.services import start_tansu
+    BROKER_DOWN_S = 4.0  # how long the killed broker stays down
 
-        tansu = next(c for c in self.live.stack.children if c.name == "tansu")
+    def broker_restart(self) -> dict[str, Any]:
+        """Kill -9 the broker while the consumers, a Kafka producer (acks=all, 20/s) and a
+        client of POST /events (20/s) are connected; start it again BROKER_DOWN_S later on the
+        same port and storage. While it is down, POST /events must answer 503 within 1 s and
+        /recommend stay up (the prober's 5xx); once it is back, every event that got a 202 and
+        every record the broker acknowledged (in the whole run) must be in the topic. That
+        holds for a durable broker; the in-memory one loses its log, and the figures say so."""
+        kafka = Producer(self.bootstrap, self.topic, 20.0, self.rng.randrange(1 << 30),
+                         first_seq=self.producer.sent)
+        poster = Poster(self.live.base, self.live.token, 20.0, self.rng.randrange(1 << 30))
+        kafka.start()
+        poster.start()
+        time.sleep(3.0)  # events accepted before the fault
+        tansu = self.live.child("tansu")
+        t_kill = time.monotonic()
         tansu.proc.kill()
         tansu.proc.wait()
-        headers = {"Authorization": f"Bearer {self.live.token}"}
-        body = {"user_id": "u0", "item_id": "1", "ts": time.time()}
-        codes, slowest = [], 0.0
-        for _ in range(10):
-            t0 = time.monotonic()
-            try:
-                codes.append(self.http.post("/events", json=body, headers=headers).status_code)
-            except httpx.HTTPError:
-                codes.append(0)
-            slowest = max(slowest, time.monotonic() - t0)
-            time.sleep(0.3)
-        t = time.monotonic()
-        tansu.proc = start_tansu(self.live.kafka_port, self.live.home / "logs" / "tansu.log")
-
-        def accepted() -> bool:
-            try:
-                return self.http.post("/events", json=body, headers=headers).status_code == 202
-            except httpx.HTTPError:
-                return False
-        took = self._wait("POST /events accepted again", accepted, RECOVER_TIMEOUT_S)
-        del t
-        return {"injections": 1, "post_events_codes_while_down": sorted(set(codes)),
-                "post_events_slowest_s": round(slowest, 3), "recovered_s": round(took, 2),
-                "lost": None, "duplicated": None,
-                "note": "in-memory broker: its log is gone with it (the shipped Tansu binary "
-                        "has no postgres storage engine), so 202'd events cannot be checked"}
+        time.sleep(self.BROKER_DOWN_S)
+        t_restart = time.monotonic()
+        tansu.proc = self.live.start_broker()
+        t_up = time.monotonic()
+        back = self._waited(t_up, lambda: any(p.code == 202 and p.t0 >= t_up
+                                              for p in list(poster.posts)))
+        time.sleep(3.0)  # and after it
+        poster.stop()
+        kafka.stop()
+        down = [p for p in poster.posts if t_kill <= p.t0 and p.t1 <= t_restart]
+        accepted = {p.seq for p in poster.posts if p.code == 202}
+        refused = {p.seq for p in poster.posts if p.code != 202}
+        acked = {e.seq: (e.partition, e.offset) for e in self.producer.events + kafka.events
+                 if e.offset >= 0}
+        log = self._read_log(self._log_ends(self.producer.events + kafka.events))
+        in_log = {int(b["seq"]): (part, off) for part, off, b in log if "seq" in b}
+        posted: dict[int, int] = {}
+        for _, _, b in log:
+            if "post_seq" in b:
+                posted[int(b["post_seq"])] = posted.get(int(b["post_seq"]), 0) + 1
+        lost_202 = sorted(accepted - set(posted))
+        lost_acked = sorted(seq for seq, at in acked.items() if in_log.get(seq) != at)
+        out: dict[str, Any] = {
+            "injections": 1, "broker": self.live.broker_storage,
+            "events": len(poster.posts) + kafka.sent,
+            "lost": len(lost_202) + len(lost_acked),
+            "duplicated": sum(n - 1 for n in posted.values()),
+            "recovered_s": None if back is None else round(back + t_up - t_kill, 2),
+            "post_events_202": f"{len(accepted) - len(lost_202)}/{len(accepted)} in the log",
+            "acked_records": f"{len(acked) - len(lost_acked)}/{len(acked)} in the log",
+            "post_events_while_down": len(down),
+            "post_events_codes_while_down": sorted({p.code for p in down}),
+            "post_events_slowest_while_down_s": round(max((p.t1 - p.t0 for p in down),
+                                                          default=0.0), 3),
+            "post_events_within_1s_while_down": sum(p.t1 - p.t0 <= 1.0 for p in down),
+            # a 503 whose record the broker kept all the same (its acknowledgement was lost):
+            # when it was sent, in seconds from the kill (a client retry would duplicate it)
+            "post_events_503_delivered_anyway_at_s": [round(p.t0 - t_kill, 2)
+                                                      for p in poster.posts
+                                                      if p.seq in refused & set(posted)],
+            "broker_start_s": round(t_up - t_restart, 2)}
+        if lost_202 or lost_acked:
+            out["detail"] = (f"202'd but missing: post_seq {lost_202[:10]}; acked but missing: "
+                             f"seq {lost_acked[:10]}")
+        if self.live.broker_storage.startswith("memory://"):
+            out["note"] = ("in-memory broker: its log is gone with it (install freshrec[durable] "
+                           "for the S3-backed one)")
+        else:  # the consumers carry on from their committed offsets, past the restart
+            ends = self._log_ends_read(log)
+            out["features_caught_up_s"] = self._waited(
+                t_kill, lambda: self.features_progress() >= sum(ends.values()))
+        return out
 
     # ------------------------------------------------------------------ the end
     def settle(self, timeout_s: float) -> float:
@@ -333,40 +377,58 @@ class Chaos:
             self.log(f"settle: {exc}")
             return float("nan")
 
-    def _log_ends(self) -> dict[int, int]:
+    def _log_ends(self, events: list | None = None) -> dict[int, int]:  # noqa: ANN001
+        """Per partition, one past the last offset the broker acknowledged to the producer."""
         ends: dict[int, int] = {}
-        for e in self.producer.events:
+        for e in self.producer.events if events is None else events:
             if e.offset >= 0:
                 ends[e.partition] = max(ends.get(e.partition, 0), e.offset + 1)
         return ends
 
-    def evidence(self) -> Evidence:
+    @staticmethod
+    def _log_ends_read(log: list[tuple[int, int, dict[str, Any]]]) -> dict[int, int]:
+        ends: dict[int, int] = {}
+        for part, off, _ in log:
+            ends[part] = max(ends.get(part, 0), off + 1)
+        return ends
+
+    def _read_log(self, ends: dict[int, int]) -> list[tuple[int, int, dict[str, Any]]]:
+        """The interactions topic from the beginning: (partition, offset, JSON body), read at
+        least up to `ends`, and on until nothing new came for a second (10 s of nothing: what
+        is there is all there is, e.g. an in-memory broker that lost its log)."""
         from kafka import KafkaConsumer
         from kafka.structs import TopicPartition
 
-        ends = self._log_ends()
         parts = [TopicPartition(self.topic, p) for p in range(PARTITIONS)]
         reader = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
         reader.assign(parts)
         reader.seek_to_beginning(*parts)
-        records: list[Record] = []
+        out: list[tuple[int, int, dict[str, Any]]] = []
         reached: dict[int, int] = {}
-        idle_until = time.monotonic() + 3.0
+        last_batch = time.monotonic()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             batch = reader.poll(timeout_ms=500)
             for tp, recs in batch.items():
                 for rec in recs:
-                    body = json.loads(rec.value)
-                    records.append(Record(tp.partition, rec.offset, int(body["seq"]),
-                                          body["user_id"], body["item_id"]))
+                    out.append((tp.partition, rec.offset, json.loads(rec.value)))
                     reached[tp.partition] = rec.offset + 1
+            now = time.monotonic()
             if batch:
-                idle_until = time.monotonic() + 3.0
+                last_batch = now
             done = all(reached.get(p, 0) >= e for p, e in ends.items())
-            if done and time.monotonic() > idle_until - 2.0:
+            if (done and now - last_batch > 1.0) or now - last_batch > 10.0:
                 break
         reader.close()
+        return out
+
+    def evidence(self) -> Evidence:
+        from kafka import KafkaConsumer
+        from kafka.structs import TopicPartition
+
+        parts = [TopicPartition(self.topic, p) for p in range(PARTITIONS)]
+        records = [Record(part, off, int(body["seq"]), body["user_id"], body["item_id"])
+                   for part, off, body in self._read_log(self._log_ends())]
         group = KafkaConsumer(bootstrap_servers=self.bootstrap,
                               group_id=self.live.env.get("FRESHREC_TRAINER_GROUP",
                                                          "freshrec-trainer"),
@@ -405,10 +467,37 @@ def _worst_and_median(times: Sequence[float | None]) -> dict[str, Any]:
 
 
 def run(counts: dict[str, int], home: Path, rate: float, seed: int, encoder: str,
-        log: Callable[[str], None] = print) -> tuple[dict[str, Any], Evidence]:
-    """The whole run; returns (chaos.json's content, the evidence it was judged on)."""
+        log: Callable[[str], None] = print,
+        broker: str = "auto") -> tuple[dict[str, Any], Evidence]:
+    """The whole run; returns (chaos.json's content, the evidence it was judged on).
+    `broker`: memory, durable (S3 storage) or auto (see the module's docstring)."""
+    from freshrec.services import durable_broker_available
+
+    if broker != "auto":
+        return _run(counts, home, rate, seed, encoder, log, durable=broker == "durable")
+    durable = durable_broker_available()
+    rest = {k: n for k, n in counts.items() if k != "broker_restart" and n}
+    if not counts.get("broker_restart"):
+        return _run(counts, home, rate, seed, encoder, log, durable=False)
+    if not rest:
+        return _run(counts, home, rate, seed, encoder, log, durable=durable)
+    result, ev = _run(rest, home, rate, seed, encoder, log, durable=False)
+    log("broker_restart: a run of its own" + (" on a durable broker" if durable else ""))
+    sub, _ = _run({"broker_restart": counts["broker_restart"]}, home / "broker-fault", rate,
+                  seed, encoder, log, durable=durable)
+    entry = sub["faults"]["broker_restart"]
+    stream = sub["faults"].get("between") or {}
+    entry["its_stream"] = {k: stream.get(k) for k in ("events", "lost", "duplicated",
+                                                      "untrained")}
+    result["faults"]["broker_restart"] = entry
+    return result, ev
+
+
+def _run(counts: dict[str, int], home: Path, rate: float, seed: int, encoder: str,
+         log: Callable[[str], None], durable: bool) -> tuple[dict[str, Any], Evidence]:
     t_start = time.monotonic()
-    chaos = Chaos(home, rate, seed, encoder, log)
+    chaos = Chaos(home, rate, seed, encoder, log, durable_broker=durable)
+    log(f"broker: tansu on {chaos.live.broker_storage}")
     try:
         chaos.start()
         log(f"stack up in {time.monotonic() - t_start:.0f} s; faults next")
@@ -446,6 +535,7 @@ def run(counts: dict[str, int], home: Path, rate: float, seed: int, encoder: str
                   "run": {"events": len(ev.records), "acked": len(ev.acked),
                           "versions": len(ev.manifests), "rate": rate,
                           "settle_s": settle_s, "wall_s": round(time.monotonic() - t_start),
+                          "broker": chaos.live.broker_storage,
                           "machine": f"{os.cpu_count()} CPU cores, {sys.platform}",
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
         return result, ev
@@ -479,6 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoder", default="", help="encoder folder; default: a tiny random BERT "
                    "(the faults, not the model, are under test); 'minilm' for the real one")
+    p.add_argument("--broker", choices=["auto", "memory", "durable"], default="auto",
+                   help="the broker's storage: auto (default) runs broker_restart on a durable "
+                   "broker (S3 storage in a local SeaweedFS, freshrec[durable]) when installed, "
+                   "the other faults on the in-memory one")
     p.add_argument("--home", default=".freshrec/bench-chaos", help="logs of the stack")
     p.add_argument("--out", default="bench/out/chaos")
     args = p.parse_args(argv)
@@ -500,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif encoder == "minilm":
         encoder = ""
     result, ev = run(counts, home, args.rate, args.seed, encoder,
-                     log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                     log=lambda msg: print(msg, file=sys.stderr, flush=True), broker=args.broker)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "chaos.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -82,11 +82,12 @@ class Produced:
 class Producer(threading.Thread):
     """Writes sequence-numbered events at `rate`/s; remembers what the broker acknowledged."""
 
-    def __init__(self, bootstrap: str, topic: str, rate: float, seed: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, rate: float, seed: int,
+                 first_seq: int = 0) -> None:
         super().__init__(name="chaos-producer", daemon=True)
         from kafka import KafkaProducer
 
-        self.topic, self.rate = topic, rate
+        self.topic, self.rate, self.first_seq = topic, rate, first_seq
         self.rng = random.Random(seed)
         self.kafka = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
                                    retries=5, max_block_ms=2000, request_timeout_ms=5000)
@@ -109,10 +110,11 @@ class Producer(threading.Thread):
             if delay > 0:
                 time.sleep(delay)
             user = f"u{self.rng.randrange(USERS)}"
-            ev = Produced(n, user, str(self.rng.randrange(ITEMS)), time.monotonic())
+            ev = Produced(self.first_seq + n, user, str(self.rng.randrange(ITEMS)),
+                          time.monotonic())
             self.events.append(ev)
             body = {"user_id": user, "item_id": ev.item, "event": "click", "ts": time.time(),
-                    "seq": n}
+                    "seq": ev.seq}
             try:
                 fut = self.kafka.send(self.topic, key=user.encode(), value=json.dumps(body).encode())
             except Exception:  # noqa: BLE001 - a broker that is down: not acknowledged
@@ -145,6 +147,45 @@ class Producer(threading.Thread):
         self.join(timeout=10)
         self.kafka.flush(timeout=10)
         self.kafka.close(timeout=5)
+
+
+@dataclass
+class Post:
+    seq: int
+    t0: float  # monotonic time the request was sent
+    t1: float  # ... and answered (or failed)
+    code: int  # HTTP status; 0: no answer
+
+
+class Poster(threading.Thread):
+    """A client of `POST /events`: one sequence-numbered event (`post_seq`, carried into the
+    record as an extra field) at a time, `rate` per second; remembers every answer."""
+
+    def __init__(self, base: str, token: str, rate: float, seed: int) -> None:
+        super().__init__(name="chaos-poster", daemon=True)
+        self.base, self.token, self.rate = base, token, rate
+        self.rng = random.Random(seed)
+        self.posts: list[Post] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        with httpx.Client(base_url=self.base, timeout=10, headers=headers) as client:
+            while not self.stop_flag.is_set():
+                body = {"user_id": f"u{self.rng.randrange(USERS)}",
+                        "item_id": str(self.rng.randrange(ITEMS)), "event": "click",
+                        "ts": time.time(), "post_seq": len(self.posts)}
+                t0 = time.monotonic()
+                try:
+                    code = client.post("/events", json=body).status_code
+                except httpx.HTTPError:
+                    code = 0
+                self.posts.append(Post(body["post_seq"], t0, time.monotonic(), code))
+                time.sleep(max(0.0, t0 + 1 / self.rate - time.monotonic()))
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.join(timeout=15)
 
 
 @dataclass

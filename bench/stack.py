@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,14 +20,18 @@ class BenchStack:
     """One deployment: own broker, Redis namespace, processes and ports.
 
     `env` adds to (or overrides) the processes' environment, e.g. a tiny encoder or a short
-    publisher lease. `processes` names the children to start (the broker always starts)."""
+    publisher lease. `processes` names the children to start (the broker always starts).
+    `durable_broker`: the broker keeps its log in a local S3 server (SeaweedFS, files in
+    HOME/broker, as `freshrec up --durable-broker`), so it survives the broker being killed;
+    else in memory."""
 
     PROCESSES = ("features", "trainer", "api")
 
     def __init__(self, home: Path, redis_url: str, env: dict[str, str] | None = None,
-                 prefix: str = "live", processes: tuple[str, ...] = PROCESSES) -> None:
+                 prefix: str = "live", processes: tuple[str, ...] = PROCESSES,
+                 durable_broker: bool = False) -> None:
         from freshrec.cli import Stack, _wipe_namespace
-        from freshrec.services import start_tansu
+        from freshrec.services import S3_BUCKET, start_s3_server
 
         self.home = home
         self.stack = Stack(home / "logs")
@@ -43,10 +48,23 @@ class BenchStack:
             "FRESHREC_TORCH_THREADS": "1", **(env or {}),
         }
         _wipe_namespace(redis_url, self.namespace)
-        self.stack.add("tansu", start_tansu(self.kafka_port, home / "logs" / "tansu.log"))
+        self.broker_storage, self.broker_env = "memory://tansu/", {}
+        if durable_broker:  # a new, empty log for every run
+            shutil.rmtree(home / "broker", ignore_errors=True)
+            s3, self.broker_env = start_s3_server(home / "broker", home / "logs" / "s3.log")
+            self.stack.add("s3", s3)
+            self.broker_storage = f"s3://{S3_BUCKET}/"
+        self.stack.add("tansu", self.start_broker())
         for name in processes:
             self.stack.spawn(name, self.argv(name), self.env)
         self.base = f"http://127.0.0.1:{self.api_port}"
+
+    def start_broker(self):  # noqa: ANN201 - subprocess.Popen
+        """Tansu on this stack's port and storage, waited for (a restart after a kill too)."""
+        from freshrec.services import start_tansu
+
+        return start_tansu(self.kafka_port, self.home / "logs" / "tansu.log",
+                           storage=self.broker_storage, env=self.broker_env)
 
     def argv(self, name: str) -> list[str]:
         """The command line of one of the processes (as `freshrec up` runs it)."""

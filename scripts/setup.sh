@@ -13,10 +13,10 @@ fi
 . .venv/bin/activate
 stamp=.venv/.freshrec-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing torch==2.13.0 and freshrec[dev,bench] (a few minutes the first time)"
+  echo "setup: installing torch==2.13.0 and freshrec[dev,bench,ann,durable] (a few minutes the first time)"
   python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   python -m pip install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-  python -m pip install -q -e '.[dev,bench,ann]' 2>&1 | grep -v '^WARNING: Location' || true
+  python -m pip install -q -e '.[dev,bench,ann,durable]' 2>&1 | grep -v '^WARNING: Location' || true
   python -c "import torch, transformers, kafka, fastapi, redis, river" \
     || { echo "setup: installation failed" >&2; exit 1; }
   touch "$stamp"
