@@ -38,7 +38,9 @@ class LazyProducer:
     503 at once, so failing writes never pin the worker threads `/recommend` needs."""
 
     RETRY_AFTER_S = 2.0  # after a failure, answer 503 at once for this long (then try again)
-    SEND_BUDGET_S = 1.0  # the longest a write waits for the broker
+    # the longest a write waits for the broker: 0.8 s, so the 503 reaches the client within the
+    # 1 s the service promises (measured at 1.0 s it arrived after 1.02-1.08 s on a loaded host)
+    SEND_BUDGET_S = 0.8
     # Producer timeouts that add up to the budget: metadata / buffer space (`max_block_ms`),
     # then delivery (`delivery_timeout_ms` >= request timeout + linger). Reconnect attempts back
     # off to at most 1 s, so writes resume within a second or two of the broker's return.
