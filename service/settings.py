@@ -31,3 +31,6 @@ class ServiceSettings(CommonSettings):
     ann_min_items: int = 0
     ann_nprobe: int = 0  # IVF lists searched; 0 = tuned at build time to ann_recall
     ann_recall: float = 0.97  # recall@10 the tuning aims for, on sampled histories
+    # concurrent /recommend requests queued while a scan runs are scored as one batch, up to
+    # this many (service/batcher.py; measured in bench/RESULTS.md); 1 = one scan per request
+    max_batch: int = 64
