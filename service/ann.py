@@ -123,19 +123,61 @@ class AnnIndex:
         q = _queries(scorer, users)
         with self.lock:
             _, idx = self.index.search(q, want + self.overfetch)
-        out: list[tuple[list[int], list[float]]] = []
+        return _rescored(scorer, q, idx)
+
+
+class ExactScan:
+    """Exact top-k candidates from faiss's exhaustive inner-product scan over the Scorer's own
+    fp32 columns (no index, no copy: the live left-right buffer is read in place), rescored
+    with the Scorer's torch columns like the IVF candidates, so a lone request's scores are
+    bit for bit the learner's (`Scorer.rank_batch`) and exclusion stays exact.
+
+    Why not torch's own scan: this build's torch multiplies with MKL, whose single-query GEMV
+    is 2.5-3x slower than faiss's AVX2 kernel on this (AMD) CPU at 100k-1M items
+    (bench/RESULTS.md, "Retrieval at 100k and 1M items"). Batches of `blas_from` queries or
+    more use faiss's BLAS path (one pass over the matrix for the whole batch)."""
+
+    margin = 10  # candidates beyond k + excluded: near-ties that round differently in faiss
+    recall = 1.0
+    nprobe = None
+    fallbacks = 0
+
+    def __init__(self, blas_from: int = 4) -> None:
+        import faiss
+
+        self._faiss = faiss
+        faiss.cvar.distance_compute_blas_threshold = blas_from
+
+    @torch.no_grad()
+    def candidates(self, scorer: Scorer, users: torch.Tensor, want: int
+                   ) -> list[tuple[list[int], list[float]]]:
+        """`want` + margin exact candidates per user (B, d), best first, with the scores of
+        `scorer`'s own columns (not divided by the temperature)."""
+        q = _queries(scorer, users)
+        cols = scorer.cols if scorer.linear else scorer.items
         n = len(scorer)
-        for row in range(len(idx)):
-            cand = idx[row][(idx[row] >= 0) & (idx[row] < n)]
-            if not len(cand):
-                out.append(([], []))
-                continue
-            c = torch.from_numpy(cand)
-            s = quant.scores(torch.from_numpy(q[row: row + 1]), _stored(scorer)[c],
-                             scorer.dtype)[0]
-            top = s.sort(descending=True)
-            out.append((c[top.indices].tolist(), top.values.tolist()))
-        return out
+        _, idx = self._faiss.knn(q, cols.numpy(), min(n, want + self.margin),
+                                 metric=self._faiss.METRIC_INNER_PRODUCT)
+        return _rescored(scorer, q, idx)
+
+
+def _rescored(scorer: Scorer, q: np.ndarray, idx: np.ndarray
+              ) -> list[tuple[list[int], list[float]]]:
+    """Candidate positions `idx` (B, m) (-1 = none) rescored row by row with `scorer`'s
+    stored columns, best first."""
+    out: list[tuple[list[int], list[float]]] = []
+    n = len(scorer)
+    stored = _stored(scorer)
+    for row in range(len(idx)):
+        cand = idx[row][(idx[row] >= 0) & (idx[row] < n)]
+        if not len(cand):
+            out.append(([], []))
+            continue
+        c = torch.from_numpy(cand)
+        s = quant.scores(torch.from_numpy(q[row: row + 1]), stored[c], scorer.dtype)[0]
+        top = s.sort(descending=True)
+        out.append((c[top.indices].tolist(), top.values.tolist()))
+    return out
 
 
 def _stored(scorer: Scorer) -> torch.Tensor:

@@ -236,7 +236,7 @@ def rollback(body: RollbackIn, holder: HolderDep) -> RollbackOut:
 
 
 @router.get("/status")
-def status(holder: HolderDep) -> dict[str, Any]:
+def status(holder: HolderDep, batcher: BatcherDep) -> dict[str, Any]:
     """What the status page shows, computed here: this server's freshness quantiles (from its
     own Prometheus histogram, since it started), its swaps and refusals, and the trainer's
     numbers as of the served version (the trainer writes them into the manifest)."""
@@ -259,6 +259,9 @@ def status(holder: HolderDep) -> dict[str, Any]:
         "catalog_items": len(snap.catalog),
         "redis_ok": holder.redis_ok,
         "trainer": None,
+        "retrieval": {**holder.retrieval(), "mean_batch": (
+            batcher.requests / batcher.batches if batcher is not None and batcher.batches
+            else None)},
     }
     if snap.loaded is not None:
         m = snap.loaded.manifest
