@@ -44,6 +44,7 @@ class AnnSettings:
     # from this catalog size (and below min_items), exact top-k by faiss's scan
     # (ann.ExactScan); 0 = never. Below it torch's scan takes well under a millisecond.
     scan_min_items: int = 10_000
+    min_speedup: float = 1.5  # a tuned index slower than this x the exact scan is not used
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class ModelHolder:
         self.ann: Any = None  # the AnnIndex following the served lineage, once built
         self._ann_follows: weakref.ref | None = None  # the Scorer the index was last written to
         self._scan: Any = None  # service.ann.ExactScan once made; False: faiss is missing
+        self._ann_refused = 0  # catalog size at which the index was measured slower than exact
         self.features = features
         self.encoder = encoder
         self.poll_interval_s = poll_interval_s
@@ -241,6 +243,8 @@ class ModelHolder:
                             "(pip install freshrec[ann]); serving exact top-k")
                 self.ann = False
             return scorer
+        if self._ann_refused and len(scorer) < 2 * self._ann_refused:
+            return self._with_scan(scorer)  # measured slower than exact at this size
         if self.ann and scorer.changed is not None and self._ann_follows is not None \
                 and self._ann_follows() is self.current.scorer:
             self.ann.update(scorer, scorer.changed)
@@ -253,10 +257,18 @@ class ModelHolder:
                 picks = rng.integers(0, len(scorer), size=(200, 3)).tolist()
                 users = scorer.user_vectors([[scorer.names.name(j) for j in p] for p in picks])
                 index.tune(scorer, users)
-            self.ann = index
             log.info("ANN index over %s items built in %.1f s (nlist %s, nprobe %s, recall@10 "
-                     "%.3f on sampled histories)", len(scorer), time.monotonic() - t0,
-                     index.nlist, index.nprobe, index.recall or float("nan"))
+                     "%.3f on sampled histories, %.1fx the exact scan's speed)", len(scorer),
+                     time.monotonic() - t0, index.nlist, index.nprobe,
+                     index.recall or float("nan"), index.speedup or float("nan"))
+            if index.speedup is not None and index.speedup < want.min_speedup:
+                # the catalog's vectors do not cluster enough for this recall (i.i.d. random
+                # text, say): serve exact, and try again once the catalog has doubled
+                log.warning("the ANN index is not faster than the exact scan at recall %.3f; "
+                            "serving exact top-k", index.recall or float("nan"))
+                self.ann, self._ann_refused = None, len(scorer)
+                return self._with_scan(scorer)
+            self.ann = index
         self._ann_follows = weakref.ref(scorer)
         scorer.ann = self.ann
         return scorer

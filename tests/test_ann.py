@@ -137,3 +137,26 @@ def test_exact_scan_serves_the_torch_scans_items_and_scores_bit_for_bit() -> Non
     for h in hist[:20]:
         assert nxt.rank_batch([h], 10, [set(h)]) == twin.rank_batch([h], 10, [set(h)])
     assert scan.fallbacks == 0
+
+
+@pytest.mark.parametrize("min_speedup", [0.0, 1e9])
+def test_the_server_uses_the_index_only_when_it_measured_it_faster_than_the_exact_scan(
+        min_speedup: float) -> None:
+    from service.ann import ExactScan
+    from service.holder import AnnSettings, ModelHolder, Snapshot
+
+    ids, text, table = catalog()
+    scorer = Scorer(tower(), text, ids, ids=table)
+    holder = object.__new__(ModelHolder)
+    holder.ann_settings = AnnSettings(min_items=1000, scan_min_items=1000,
+                                      min_speedup=min_speedup)
+    holder.ann, holder._ann_follows, holder._scan, holder._ann_refused = None, None, None, 0
+    holder.item_dtype = "fp32"
+    holder.current = Snapshot(0, None, None, {})
+    served = holder._with_ann(scorer)
+    if min_speedup:  # "never fast enough": exact, by faiss's scan, and not rebuilt next time
+        assert isinstance(served.ann, ExactScan) and holder._ann_refused == N
+        assert holder.retrieval()["retrieval"] == "exact" or holder.current.scorer is None
+        assert isinstance(holder._with_ann(exact_of(scorer)).ann, ExactScan)
+    else:
+        assert isinstance(served.ann, AnnIndex) and served.ann.speedup is not None
