@@ -27,8 +27,10 @@ class ServiceSettings(CommonSettings):
     # (model/quant.py; memory, latency and recall of each in bench/RESULTS.md)
     item_dtype: Literal["fp32", "fp16", "int8"] = "fp32"
     # top-k candidates from an incrementally updated faiss IVF index (service/ann.py) once the
-    # catalog has this many items (linear item tower, faiss-cpu installed); 0 = never
-    ann_min_items: int = 0
+    # catalog has this many items (linear item tower, faiss-cpu installed), if tuning measures
+    # it faster than the exact scan at ann_recall (else exact); 0 = never. 100k: where it was
+    # measured 5-7x faster on clustered text (bench/RESULTS.md); i.i.d. text never gains
+    ann_min_items: int = 100_000
     ann_nprobe: int = 0  # IVF lists searched; 0 = tuned at build time to ann_recall
     ann_recall: float = 0.97  # recall@10 the tuning aims for, on sampled histories
     # from this catalog size, exact top-k of a linear tower's fp32 matrix by faiss's scan,
