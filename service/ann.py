@@ -67,7 +67,8 @@ class AnnIndex:
         faiss = self._faiss
         x = _rows(scorer, 0, len(scorer))
         n, w = x.shape
-        nlist = self.nlist or max(16, int(np.sqrt(n)))  # faiss: 39+ points a list
+        # 4 sqrt(N) lists (what bench/retrieval.py measured), 39+ training points a list
+        nlist = self.nlist or max(16, min(int(4 * np.sqrt(n)), n // 39))
         rng = np.random.default_rng(self.seed)
         sample = x[rng.choice(n, min(n, 40 * nlist), replace=False)]
         quantizer = faiss.IndexFlatIP(w)
