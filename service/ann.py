@@ -156,6 +156,7 @@ class AnnIndex:
         """Up to `want` + overfetch candidate positions per user (B, d), best first, with their
         exact scores from `scorer`'s own columns (not divided by the temperature)."""
         q = _queries(scorer, users)
+        self._faiss.omp_set_num_threads(1)  # see `ExactScan`
         with self.lock:
             _, idx = self.index.search(q, want + self.overfetch)
         return _rescored(scorer, q, idx)
@@ -170,7 +171,12 @@ class ExactScan:
     Why not torch's own scan: this build's torch multiplies with MKL, whose single-query GEMV
     is 2.5-3x slower than faiss's AVX2 kernel on this (AMD) CPU at 100k-1M items
     (bench/RESULTS.md, "Retrieval at 100k and 1M items"). Batches of `blas_from` queries or
-    more use faiss's BLAS path (one pass over the matrix for the whole batch)."""
+    more use faiss's BLAS path (one pass over the matrix for the whole batch).
+
+    Each search runs on one OpenMP thread, set in the calling thread (OpenMP keeps the setting
+    per thread): with faiss's default of one OpenMP team per call, 16 request threads each
+    spinning up a team on 2 cores served 3x fewer requests than torch's scan
+    (bench/batching.py)."""
 
     margin = 10  # candidates beyond k + excluded: near-ties that round differently in faiss
     recall = 1.0
@@ -189,6 +195,7 @@ class ExactScan:
         """`want` + margin exact candidates per user (B, d), best first, with the scores of
         `scorer`'s own columns (not divided by the temperature)."""
         q = _queries(scorer, users)
+        self._faiss.omp_set_num_threads(1)  # per calling thread: see the class docstring
         cols = scorer.cols if scorer.linear else scorer.items
         n = len(scorer)
         _, idx = self._faiss.knn(q, cols.numpy(), min(n, want + self.margin),

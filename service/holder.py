@@ -38,7 +38,7 @@ RETRY_MAX_S = 300.0  # a version that failed to build is tried again after 1, 2,
 class AnnSettings:
     """When to serve top-k candidates from an ANN index (service/ann.py)."""
 
-    min_items: int = 100_000  # catalog size from which it is used; 0 = never
+    min_items: int = 50_000  # catalog size from which it is used; 0 = never
     nprobe: int = 0  # 0 = tuned when the index is built
     recall: float = 0.97  # what tuning aims for (recall@10 against exact, sampled histories)
     # from this catalog size (and below min_items), exact top-k by faiss's scan

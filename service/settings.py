@@ -28,9 +28,10 @@ class ServiceSettings(CommonSettings):
     item_dtype: Literal["fp32", "fp16", "int8"] = "fp32"
     # top-k candidates from an incrementally updated faiss IVF index (service/ann.py) once the
     # catalog has this many items (linear item tower, faiss-cpu installed), if tuning measures
-    # it faster than the exact scan at ann_recall (else exact); 0 = never. 100k: where it was
-    # measured 5-7x faster on clustered text (bench/RESULTS.md); i.i.d. text never gains
-    ann_min_items: int = 100_000
+    # it 1.5x faster than the exact scan at ann_recall (else exact); 0 = never. 50k: the
+    # measured crossover on clustered text (1.0x at 20k, 1.7x at 50k, 5-7x at 100k, 20-35x at
+    # 1M: bench/RESULTS.md); on i.i.d. random text it only starts to pay near 1M
+    ann_min_items: int = 50_000
     ann_nprobe: int = 0  # IVF lists searched; 0 = tuned at build time to ann_recall
     ann_recall: float = 0.97  # recall@10 the tuning aims for, on sampled histories
     # from this catalog size, exact top-k of a linear tower's fp32 matrix by faiss's scan,
