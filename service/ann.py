@@ -127,15 +127,13 @@ class AnnIndex:
             def exact(s: Scorer, users: torch.Tensor, want: int) -> Any:
                 return s.scores(users).topk(want)
 
-        def median_ms(propose: Any) -> float:
-            times = []
-            for row in range(len(queries)):
+        times: dict[Any, list[float]] = {exact: [], self.candidates: []}
+        for row in range(len(queries)):  # interleaved: a busy neighbour slows both alike
+            for propose, out in times.items():
                 t0 = time.perf_counter()
                 propose(scorer, queries[row: row + 1], k)
-                times.append(time.perf_counter() - t0)
-            return float(np.median(times))
-
-        return median_ms(exact) / median_ms(self.candidates)
+                out.append(time.perf_counter() - t0)
+        return float(np.median(times[exact]) / np.median(times[self.candidates]))
 
     @torch.no_grad()
     def update(self, scorer: Scorer, rows: torch.Tensor) -> None:

@@ -303,7 +303,8 @@ class ModelHolder:
             kind, scan = "ann", "faiss-ivf"
         return {"retrieval": kind, "scan": scan, "dtype": self.item_dtype,
                 "recall@10": 1.0 if kind == "exact" else getattr(found, "recall", None),
-                "nprobe": getattr(found, "nprobe", None)}
+                "nprobe": getattr(found, "nprobe", None),
+                "speedup": getattr(found, "speedup", None)}
 
     def _build_failed(self, target: int, sig: str | None, exc: Exception, serving: int) -> None:
         """Count a failed build and set when to try it again (1, 2, 4 ... RETRY_MAX_S s), so a
