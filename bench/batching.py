@@ -43,8 +43,9 @@ def scorer(n: int) -> Scorer:
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    kb = net.adapter.basis.shape[1]
-    base = torch.nn.functional.normalize(torch.randn(n, kb), dim=1)
+    basis = net.adapter.basis
+    assert isinstance(basis, torch.Tensor)
+    base = torch.nn.functional.normalize(torch.randn(n, basis.shape[1]), dim=1)
     table = torch.randn(n, net.cfg.dim) * 0.05
     return Scorer(net, torch.zeros(0, H), [f"i{j}" for j in range(n)], base=base, ids=table)
 
@@ -113,6 +114,21 @@ def closed_loop(rank: Callable[[list[str], set[str]], object], reqs: list, secon
     return sum(done) / (time.perf_counter() - t0)
 
 
+Rank = Callable[[list[str], set[str]], object]
+
+
+def direct(s: Scorer) -> Rank:
+    def rank(h: list[str], e: set[str]) -> object:
+        return s.rank_batch([h], 10, [e])[0]
+    return rank
+
+
+def batched(s: Scorer, b: Batcher) -> Rank:
+    def rank(h: list[str], e: set[str]) -> object:
+        return b.rank(s, h, 10, e)
+    return rank
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, action="append")
@@ -133,14 +149,10 @@ def main(argv: list[str] | None = None) -> None:
             f.ann = ExactScan()
         reqs = requests(n, 2000)
         batchers = {"torch+batch": Batcher(), "faiss+batch": Batcher()}
-        modes: dict[str, Callable[[list[str], set[str]], object]] = {
-            "torch": lambda h, e, s=s: s.rank_batch([h], 10, [e])[0],
-            "torch+batch": lambda h, e, s=s, b=batchers["torch+batch"]: b.rank(s, h, 10, e),
-        }
+        modes = {"torch": direct(s), "torch+batch": batched(s, batchers["torch+batch"])}
         if f is not None:
-            modes["faiss"] = lambda h, e, f=f: f.rank_batch([h], 10, [e])[0]
-            modes["faiss+batch"] = lambda h, e, f=f, b=batchers["faiss+batch"]: b.rank(f, h,
-                                                                                      10, e)
+            modes["faiss"] = direct(f)
+            modes["faiss+batch"] = batched(f, batchers["faiss+batch"])
         if args.modes:
             modes = {m: r for m, r in modes.items() if m in args.modes.split(",")}
         res: dict[str, dict[str, list[float]]] = {m: {} for m in modes}

@@ -81,20 +81,26 @@ def measure(n: int, text: str, n_queries: int, methods: set[str], reps: int,
         stored = quant.encode(x, dtype)
         got = torch.cat([quant.scores(q[i: i + 1], stored, dtype).topk(10).indices
                          for i in range(n_queries)]).numpy()
-        p50, p99 = timed(lambda i, s=stored, d=dtype: quant.scores(q[i % n_queries][None], s,
-                                                                   d).topk(10), reps)
+        def scan(i: int, s: torch.Tensor = stored, d: str = dtype) -> object:
+            return quant.scores(q[i % n_queries][None], s, d).topk(10)
+
+        p50, p99 = timed(scan, reps)
         res["storage"][dtype] = {"bytes_per_item": quant.nbytes(stored) / n, "ms_p50": p50,
                                  "ms_p99": p99, "recall@10": recall(got, exact),
                                  "matrix_mb": quant.nbytes(stored) / 2**20}
         del stored
     for b in (1, 4, 16, 64):  # one GEMM for b queued requests: ms per batch and per query
-        p50, p99 = timed(lambda i, b=b: (q[(i * b) % n_queries:][:b] @ x.T).topk(10), reps)
+        def batch(i: int, b: int = b) -> object:
+            return (q[(i * b) % n_queries:][:b] @ x.T).topk(10)
+
+        p50, p99 = timed(batch, reps)
         res["batched"][str(b)] = {"ms_batch_p50": p50, "ms_batch_p99": p99,
                                   "ms_per_query": p50 / b}
+    faiss: Any = None
     try:
         import faiss
     except ImportError:
-        faiss = None
+        pass
     if faiss is not None:
         faiss.omp_set_num_threads(1)
         if "faiss-flat" in methods:
