@@ -12,6 +12,9 @@ or clustered around 2,000 topics (`--text topics`, closer to real text embedding
 one query at a time unless a batch is named. Per method: median / p99 ms per query, recall@10
 against fp32 exact, build seconds, memory, and for the indexes the cost of rewriting 272 changed
 rows and of appending 1,000 new items in place. Writes retrieval.json under --out, prints tables.
+
+faiss comes with the `ann` extra; hnswlib is compared when installed (`pip install hnswlib`: it
+builds from source, so it is in no extra, and the server does not use it).
 """
 
 from __future__ import annotations
