@@ -171,7 +171,8 @@ class ExactScan:
     bit for bit the learner's (`Scorer.rank_batch`) and exclusion stays exact.
 
     Why not torch's own scan: this build's torch multiplies with MKL, whose single-query GEMV
-    is 2.5-3x slower than faiss's AVX2 kernel on this (AMD) CPU at 100k-1M items
+    is 2.2-5.5x slower than faiss's scan on this (AMD) CPU at 100k-1M items, even with the
+    generic (non-AVX2) faiss build the faiss-cpu wheel loads here
     (bench/RESULTS.md, "Retrieval at 100k and 1M items"). Batches of `blas_from` queries or
     more use faiss's BLAS path (one pass over the matrix for the whole batch).
 

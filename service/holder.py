@@ -275,7 +275,7 @@ class ModelHolder:
 
     def _with_scan(self, scorer: Scorer) -> Scorer:
         """Exact candidates from faiss's scan for a linear tower's fp32 columns when faiss is
-        installed: the same top-k and scores as torch's scan, 2.5-3x faster here
+        installed: the same top-k and scores as torch's scan, 2.2-5.5x faster here
         (service.ann.ExactScan). Not for `mlp`: its matrix products round differently on a
         subset of rows, so its served scores would no longer equal the learner's bit for bit;
         nor below `scan_min_items`, where MKL takes other kernels for a handful of rows too."""
