@@ -352,6 +352,7 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
             if e is None or trained() == e:
                 break
         closed = closed_loop(base, args.closed_seconds, args.connections, logs)
+        served = httpx.get(f"{base}/status", timeout=10).json().get("retrieval") or {}
         # intake: as fast as possible, timed through the trainer's own counter
         intake = float("nan")
         e0 = trained()
@@ -398,11 +399,13 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
                         "p99": q(swap, "freshrec_swap_delay_seconds", 0.99, 1e3)},
             "trainer_events_per_s": intake, "max_rps": closed["rps"],
             "closed_errors": closed["errors"], "api_rss_mb": rss, "ready_s": ready_s,
-            "trainer_exit": trainer_exit,
+            "trainer_exit": trainer_exit, "served_retrieval": served,
             "timeline": [(r[0] - results[0][0], r[1], r[3]) for r in results[::5]]}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from service.settings import ServiceSettings
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--items", type=int, action="append", help="catalog size (repeatable)")
@@ -416,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--item-tower", default="linear", choices=["linear", "mlp"])
     ap.add_argument("--dtype", default=os.environ.get("FRESHREC_ITEM_DTYPE", "fp32"),
                     choices=["fp32", "fp16", "int8"])
-    ap.add_argument("--ann-min-items", type=int, default=0, help="0: exact top-k")
+    ap.add_argument("--ann-min-items", type=int,
+                    default=int(os.environ.get("FRESHREC_ANN_MIN_ITEMS", ServiceSettings.model_fields[
+                        "ann_min_items"].default)),
+                    help="the API's FRESHREC_ANN_MIN_ITEMS (0: exact top-k)")
     ap.add_argument("--ready-s", type=float, default=1200)
     ap.add_argument("--drain-s", type=float, default=60,
                     help="at most this long waiting for the trainer's backlog before max rps")
@@ -441,13 +447,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   floor: max {floor['max_rps']:.0f} req/s, p99 "
               f"{floor['recommend_ms']['p99']:.1f} ms; now freshrec", flush=True)
         fr = run_freshrec(n, args, logs)
-        ann = args.ann_min_items and n >= args.ann_min_items
+        served = fr["served_retrieval"]  # what the API says it served with (GET /status)
+        kind = served.get("retrieval", "exact")
+        recall = served.get("recall@10") if kind == "ann" else dtype_recall(n, width, args.dtype)
         run = {"items": n, **{k: v for k, v in fr.items() if k != "timeline"},
                "failed": fr["recommend_ms"]["failed"],
                "floor_max_rps": floor["max_rps"], "floor_recommend_ms": floor["recommend_ms"],
                "floor_rss_mb": floor["rss_mb"],
-               "recall@10": dtype_recall(n, width, args.dtype),
-               "retrieval": "ann" if ann else "exact", "dtype": args.dtype,
+               "recall@10": recall, "retrieval": kind, "dtype": served.get("dtype", args.dtype),
                "vs_floor": {"max_rps": fr["max_rps"] / floor["max_rps"],
                             "recommend_p50": fr["recommend_ms"]["p50"] /
                             floor["recommend_ms"]["p50"],

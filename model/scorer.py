@@ -318,7 +318,8 @@ class Scorer:
             most = max((len(ex) for ex in excluded), default=0)
             for row, (cand, vals) in enumerate(self.ann.candidates(self, users, k + most)):
                 drop = set(excluded[row]) if row < len(excluded) else set()
-                kept = [(name(j), v / temp) for j, v in zip(cand, vals, strict=True)
+                scaled = (torch.tensor(vals, dtype=torch.float32) / temp).tolist()  # as below
+                kept = [(name(j), v) for j, v in zip(cand, scaled, strict=True)
                         if j not in drop][:k]
                 if len(kept) >= min(k, len(self) - len(drop)):
                     out[row] = kept

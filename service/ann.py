@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,7 @@ class AnnIndex:
         self.recall: float | None = None  # recall@10 measured by `tune`
         self.lock = threading.Lock()
         self.fallbacks = 0  # requests answered by the exact scan after all
+        self.speedup: float | None = None  # exact scan time / this index's, measured by `tune`
 
     # ------------------------------------------------------------------ building
     @torch.no_grad()
@@ -65,7 +67,8 @@ class AnnIndex:
         faiss = self._faiss
         x = _rows(scorer, 0, len(scorer))
         n, w = x.shape
-        nlist = self.nlist or max(16, int(np.sqrt(n)))  # faiss: 39+ points a list
+        # 4 sqrt(N) lists (what bench/retrieval.py measured), 39+ training points a list
+        nlist = self.nlist or max(16, min(int(4 * np.sqrt(n)), n // 39))
         rng = np.random.default_rng(self.seed)
         sample = x[rng.choice(n, min(n, 40 * nlist), replace=False)]
         quantizer = faiss.IndexFlatIP(w)
@@ -82,21 +85,55 @@ class AnnIndex:
 
     @torch.no_grad()
     def tune(self, scorer: Scorer, queries: torch.Tensor, k: int = 10) -> float:
-        """The smallest nprobe (doubling) whose recall@k against `scorer`'s exact top-k on
-        `queries` (B, d) user vectors reaches `target_recall`; returns that recall."""
+        """The smallest nprobe whose recall@k against `scorer`'s exact top-k on `queries`
+        (B, d) user vectors reaches `target_recall` (doubling, then bisecting the last step:
+        search time grows with nprobe, so overshooting 2x costs up to 2x), plus a quarter
+        for queries and row updates the tuning did not see; returns that recall and measures the index's speed against the exact scan (`speedup`)."""
         exact = scorer.scores(queries).topk(k).indices
-        nprobe = 1
-        while True:
+
+        def recall_at(nprobe: int) -> float:
             self.index.nprobe = nprobe
             got = self.candidates(scorer, queries, k)
             hits = sum(len(set(g[:k]) & set(e.tolist()))
                        for (g, _), e in zip(got, exact, strict=True))
-            recall = hits / (k * len(queries))
-            if recall >= self.target_recall or nprobe >= self.nlist:
-                break
-            nprobe = min(2 * nprobe, self.nlist)
+            return hits / (k * len(queries))
+
+        low, nprobe = 0, 1  # recall_at(low) < target (0: nothing searched)
+        recall = recall_at(nprobe)
+        while recall < self.target_recall and nprobe < self.nlist:
+            low, nprobe = nprobe, min(2 * nprobe, self.nlist)
+            recall = recall_at(nprobe)
+        while recall >= self.target_recall and nprobe - low > max(1, nprobe // 8):
+            mid = (low + nprobe) // 2
+            got = recall_at(mid)
+            if got >= self.target_recall:
+                nprobe, recall = mid, got
+            else:
+                low = mid
+        if nprobe < self.nlist:  # a margin for other queries and for rows updated later
+            nprobe = min(self.nlist, nprobe + max(1, nprobe // 4))
+            recall = recall_at(nprobe)
+        self.index.nprobe = nprobe
         self.nprobe, self.recall = nprobe, recall
+        self.speedup = self._speedup(scorer, queries[:50], k)
         return recall
+
+    def _speedup(self, scorer: Scorer, queries: torch.Tensor, k: int) -> float:
+        """Median time of the exact scan as served (faiss's over fp32 columns, else torch's)
+        over that of this index at the tuned nprobe, one query at a time: >1 means faster."""
+        if scorer.dtype == "fp32" and scorer.linear:
+            exact: Any = ExactScan().candidates
+        else:
+            def exact(s: Scorer, users: torch.Tensor, want: int) -> Any:
+                return s.scores(users).topk(want)
+
+        times: dict[Any, list[float]] = {exact: [], self.candidates: []}
+        for row in range(len(queries)):  # interleaved: a busy neighbour slows both alike
+            for propose, out in times.items():
+                t0 = time.perf_counter()
+                propose(scorer, queries[row: row + 1], k)
+                out.append(time.perf_counter() - t0)
+        return float(np.median(times[exact]) / np.median(times[self.candidates]))
 
     @torch.no_grad()
     def update(self, scorer: Scorer, rows: torch.Tensor) -> None:
@@ -121,21 +158,71 @@ class AnnIndex:
         """Up to `want` + overfetch candidate positions per user (B, d), best first, with their
         exact scores from `scorer`'s own columns (not divided by the temperature)."""
         q = _queries(scorer, users)
+        self._faiss.omp_set_num_threads(1)  # see `ExactScan`
         with self.lock:
             _, idx = self.index.search(q, want + self.overfetch)
-        out: list[tuple[list[int], list[float]]] = []
+        return _rescored(scorer, q, idx)
+
+
+class ExactScan:
+    """Exact top-k candidates from faiss's exhaustive inner-product scan over the Scorer's own
+    fp32 columns (no index, no copy: the live left-right buffer is read in place), rescored
+    with the Scorer's torch columns like the IVF candidates, so a lone request's scores are
+    bit for bit the learner's (`Scorer.rank_batch`) and exclusion stays exact.
+
+    Why not torch's own scan: this build's torch multiplies with MKL, whose single-query GEMV
+    is 2.2-5.5x slower than faiss's scan on this (AMD) CPU at 100k-1M items, even with the
+    generic (non-AVX2) faiss build the faiss-cpu wheel loads here
+    (bench/RESULTS.md, "Retrieval at 100k and 1M items"). Batches of `blas_from` queries or
+    more use faiss's BLAS path (one pass over the matrix for the whole batch).
+
+    Each search runs on one OpenMP thread, set in the calling thread (OpenMP keeps the setting
+    per thread): with faiss's default of one OpenMP team per call, 16 request threads each
+    spinning up a team on 2 cores served 3x fewer requests than torch's scan
+    (bench/batching.py)."""
+
+    margin = 10  # candidates beyond k + excluded: near-ties that round differently in faiss
+    recall = 1.0
+    nprobe = None
+    fallbacks = 0
+
+    def __init__(self, blas_from: int = 4) -> None:
+        import faiss
+
+        self._faiss = faiss
+        faiss.cvar.distance_compute_blas_threshold = blas_from
+
+    @torch.no_grad()
+    def candidates(self, scorer: Scorer, users: torch.Tensor, want: int
+                   ) -> list[tuple[list[int], list[float]]]:
+        """`want` + margin exact candidates per user (B, d), best first, with the scores of
+        `scorer`'s own columns (not divided by the temperature)."""
+        q = _queries(scorer, users)
+        self._faiss.omp_set_num_threads(1)  # per calling thread: see the class docstring
+        cols = scorer.cols if scorer.linear else scorer.items
         n = len(scorer)
-        for row in range(len(idx)):
-            cand = idx[row][(idx[row] >= 0) & (idx[row] < n)]
-            if not len(cand):
-                out.append(([], []))
-                continue
-            c = torch.from_numpy(cand)
-            s = quant.scores(torch.from_numpy(q[row: row + 1]), _stored(scorer)[c],
-                             scorer.dtype)[0]
-            top = s.sort(descending=True)
-            out.append((c[top.indices].tolist(), top.values.tolist()))
-        return out
+        _, idx = self._faiss.knn(q, cols.numpy(), min(n, want + self.margin),
+                                 metric=self._faiss.METRIC_INNER_PRODUCT)
+        return _rescored(scorer, q, idx)
+
+
+def _rescored(scorer: Scorer, q: np.ndarray, idx: np.ndarray
+              ) -> list[tuple[list[int], list[float]]]:
+    """Candidate positions `idx` (B, m) (-1 = none) rescored row by row with `scorer`'s
+    stored columns, best first."""
+    out: list[tuple[list[int], list[float]]] = []
+    n = len(scorer)
+    stored = _stored(scorer)
+    for row in range(len(idx)):
+        cand = idx[row][(idx[row] >= 0) & (idx[row] < n)]
+        if not len(cand):
+            out.append(([], []))
+            continue
+        c = torch.from_numpy(cand)
+        s = quant.scores(torch.from_numpy(q[row: row + 1]), stored[c], scorer.dtype)[0]
+        top = s.sort(descending=True)
+        out.append((c[top.indices].tolist(), top.values.tolist()))
+    return out
 
 
 def _stored(scorer: Scorer) -> torch.Tensor:

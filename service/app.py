@@ -22,6 +22,7 @@ from protocol.errors import Unavailable
 from protocol.features import FeatureStore
 from protocol.weights import WeightStore
 from service import metrics
+from service.batcher import Batcher
 from service.deps import RecentEvents, UserCache
 from service.holder import AnnSettings, ModelHolder
 from service.routes import error_body, router
@@ -209,10 +210,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     holder = ModelHolder(weights, features, TextEncoder(settings.encoder_path),
                          settings.poll_interval_s, item_dtype=settings.item_dtype,
                          ann=AnnSettings(settings.ann_min_items, settings.ann_nprobe,
-                                         settings.ann_recall))
+                                         settings.ann_recall, settings.scan_min_items))
     app.state.features = features
     app.state.holder = holder
     app.state.user_cache = UserCache(settings.user_cache_size)
+    app.state.batcher = Batcher(settings.max_batch) if settings.max_batch > 1 else None
     app.state.recent = RecentEvents(settings.recent_events_s)
     app.state.producer = LazyProducer(settings.kafka_bootstrap)
     try:

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request
 
 from protocol.features import FeatureStore, UserView
+from service.batcher import Batcher
 from service.holder import ModelHolder
 from service.settings import ServiceSettings
 
@@ -81,6 +82,10 @@ def get_holder(request: Request) -> ModelHolder:
     return request.app.state.holder
 
 
+def get_batcher(request: Request) -> Batcher | None:
+    return getattr(request.app.state, "batcher", None)
+
+
 def get_features(request: Request) -> FeatureStore:
     return request.app.state.features
 
@@ -123,6 +128,7 @@ def _check_bearer(token: str, variable: str, authorization: str | None) -> None:
 
 SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 HolderDep = Annotated[ModelHolder, Depends(get_holder)]
+BatcherDep = Annotated[Batcher | None, Depends(get_batcher)]
 FeaturesDep = Annotated[FeatureStore, Depends(get_features)]
 UserCacheDep = Annotated[UserCache, Depends(get_user_cache)]
 RecentDep = Annotated[RecentEvents, Depends(get_recent)]

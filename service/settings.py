@@ -27,7 +27,17 @@ class ServiceSettings(CommonSettings):
     # (model/quant.py; memory, latency and recall of each in bench/RESULTS.md)
     item_dtype: Literal["fp32", "fp16", "int8"] = "fp32"
     # top-k candidates from an incrementally updated faiss IVF index (service/ann.py) once the
-    # catalog has this many items (linear item tower, faiss-cpu installed); 0 = never
-    ann_min_items: int = 0
+    # catalog has this many items (linear item tower, faiss-cpu installed), if tuning measures
+    # it 1.5x faster than the exact scan at ann_recall (else exact); 0 = never. 50k: the
+    # measured crossover on clustered text (1.0x at 20k, 1.7x at 50k, 5-7x at 100k, 20-35x at
+    # 1M: bench/RESULTS.md); on i.i.d. random text it only starts to pay near 1M
+    ann_min_items: int = 50_000
     ann_nprobe: int = 0  # IVF lists searched; 0 = tuned at build time to ann_recall
     ann_recall: float = 0.97  # recall@10 the tuning aims for, on sampled histories
+    # from this catalog size, exact top-k of a linear tower's fp32 matrix by faiss's scan,
+    # rescored by the model's own columns (same items and scores as torch's scan, 2.2-5.5x
+    # faster on this CPU: service/ann.py ExactScan; needs faiss); 0 = torch's scan always
+    scan_min_items: int = 10_000
+    # concurrent /recommend requests queued while a scan runs are scored as one batch, up to
+    # this many (service/batcher.py; measured in bench/RESULTS.md); 1 = one scan per request
+    max_batch: int = 64

@@ -107,3 +107,56 @@ def test_rows_updated_in_place_keep_recall_and_excluding_almost_all_falls_back()
     index.index.nprobe, before = 1, index.fallbacks
     got = scorer.rank_batch(hist[:1], 10, exclude=[set(ids[:n]) - keep])
     assert got[0] == worst and index.fallbacks == before + 1
+
+
+def test_exact_scan_serves_the_torch_scans_items_and_scores_bit_for_bit() -> None:
+    """faiss's exhaustive scan proposes, the Scorer's own columns score: a lone request gets
+    exactly what `Scorer.rank_batch` without it gives (the learner's ranking), exclusions
+    included, and after a row-by-row update."""
+    from service.ann import ExactScan
+
+    ids, text, table = catalog()
+    net = tower()
+    plain = Scorer(net, text, ids, ids=table)
+    scan = ExactScan()
+    fast = exact_of(plain)
+    fast.ann = scan
+    hist = histories(N, 60, seed=4)
+    top15 = plain.rank_batch(hist, 15)
+    for h, t in zip(hist, top15, strict=True):
+        excl = set(h) | {i for i, _ in t[::2]}
+        assert fast.rank_batch([h], 10, [excl]) == plain.rank_batch([h], 10, [excl])
+        assert fast.rank_batch([h], 10) == plain.rank_batch([h], 10)
+    rows = torch.tensor([0, 5, 17, 2000])
+    new_ids = torch.randn(len(rows), table.shape[1]) * 0.5
+    base = fixed_projection(net, text[rows])
+    names = ItemNames(plain.names.prefix, plain.names.index, N)
+    nxt = plain.updated(net, names, rows, new_ids, base)
+    nxt.ann = scan
+    twin = exact_of(nxt)
+    for h in hist[:20]:
+        assert nxt.rank_batch([h], 10, [set(h)]) == twin.rank_batch([h], 10, [set(h)])
+    assert scan.fallbacks == 0
+
+
+@pytest.mark.parametrize("min_speedup", [0.0, 1e9])
+def test_the_server_uses_the_index_only_when_it_measured_it_faster_than_the_exact_scan(
+        min_speedup: float) -> None:
+    from service.ann import ExactScan
+    from service.holder import AnnSettings, ModelHolder, Snapshot
+
+    ids, text, table = catalog()
+    scorer = Scorer(tower(), text, ids, ids=table)
+    holder = object.__new__(ModelHolder)
+    holder.ann_settings = AnnSettings(min_items=1000, scan_min_items=1000,
+                                      min_speedup=min_speedup)
+    holder.ann, holder._ann_follows, holder._scan, holder._ann_refused = None, None, None, 0
+    holder.item_dtype = "fp32"
+    holder.current = Snapshot(0, None, None, {})
+    served = holder._with_ann(scorer)
+    if min_speedup:  # "never fast enough": exact, by faiss's scan, and not rebuilt next time
+        assert isinstance(served.ann, ExactScan) and holder._ann_refused == N
+        assert holder.retrieval()["retrieval"] == "exact" or holder.current.scorer is None
+        assert isinstance(holder._with_ann(exact_of(scorer)).ann, ExactScan)
+    else:
+        assert isinstance(served.ann, AnnIndex) and served.ann.speedup is not None
