@@ -315,7 +315,7 @@ class OnlineLearner:
                 text = self.text[needed]
             else:
                 text = self.encoder([self.texts[i] for i in needed.tolist()])
-            vecs = self.net.item_vectors(text, needed)  # (U, d)
+            vecs, bias = self.net.item_parts(text, needed)  # (U, d), (U,) or None
             h_rows = inverse[: b * t].view(b, t)
             c_rows = inverse[b * t: b * t + len(cands)]
             mask = hist >= 0
@@ -323,7 +323,10 @@ class OnlineLearner:
             # thread-dependent order on the CPU, which broke seeded determinism with 2 threads
             h_vecs = vecs.index_select(0, h_rows.flatten()).view(b, t, -1)  # (B, T, d)
             users = self.net.user_vectors(h_vecs * mask.unsqueeze(-1), mask)  # (B, d)
-            logits = users.float() @ vecs.index_select(0, c_rows).float().T / cfg.temperature
+            logits = users.float() @ vecs.index_select(0, c_rows).float().T  # (B, C)
+            if bias is not None:
+                logits = logits + bias.index_select(0, c_rows).float()
+            logits = logits / cfg.temperature
         is_pos = cands.unsqueeze(0) == pos.unsqueeze(1)  # (B, C)
         first = is_pos.float().argmax(dim=1)  # the positive's column (unique part comes first)
         other = is_pos.clone()
@@ -332,10 +335,14 @@ class OnlineLearner:
             # logQ correction: candidates come from a mixture of the batch's positives (by
             # popularity) and a uniform draw; subtract the log expected count of each under it.
             p = torch.from_numpy(self.freq[cands.cpu().numpy()] / max(self.freq_total, 1.0))
-            logits = logits - torch.log(b * p.to(dev).float() + cfg.negatives / max(n, 1) + 1e-9)
+            logq = torch.log(b * p.to(dev).float() + cfg.negatives / max(n, 1) + 1e-9)
+            logits = logits - cfg.logq_weight * logq
         else:
             n_unique = len(cands) - cfg.negatives
             other[:, :n_unique] |= ~is_pos[:, :n_unique]  # sampled negatives only
+        if cfg.history_not_negative:  # (B, T, 1) == (1, 1, C) -> (B, C)
+            other |= ((hist.unsqueeze(2) == cands.view(1, 1, -1)) & mask.unsqueeze(2)).any(1)
+            other[torch.arange(b, device=dev), first] = False
         logits = logits.masked_fill(other, float("-inf"))
         loss = F.cross_entropy(logits, first)
         penalty = self._anchor_penalty()
