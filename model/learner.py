@@ -265,14 +265,20 @@ class OnlineLearner:
         self._sync_id_table()
         share = min(1.0, len(fresh) / cfg.step_events)  # of a full step's events
         lr_mult = share if cfg.small_batch == "scale" else 1.0
-        examples = fresh + self.reservoir.sample(self._replay_count(len(fresh)))
+        replayed = self.reservoir.sample(self._replay_count(len(fresh)))
+        examples = fresh + replayed
+        owners = None
+        if cfg.user_not_negative or cfg.future_positives > 0:  # whose; replayed: nobody's
+            keys = {u: j for j, u in enumerate(dict.fromkeys(e.user_id for e in batch))}
+            owners = [keys[e.user_id] for e in batch if not self.holds_out(e)]
+            owners += range(-1, -1 - len(replayed), -1)
         for ex in fresh:
             self.reservoir.add(ex)
         self._set_lr(lr_mult)
         loss = penalty = grad_norm = 0.0
         if examples:  # else every event was held out for the gate: nothing to learn
             for _ in range(cfg.steps_per_batch):
-                loss, penalty, grad_norm = self._step(examples)
+                loss, penalty, grad_norm = self._step(examples, owners)
             self._adapt_lr(loss, share)
         self._move_ema_anchor(len(fresh))
         self._stamp += 1
@@ -296,7 +302,9 @@ class OnlineLearner:
         for g in self.id_opt.param_groups:
             g["lr"] = self.cfg.id_lr * self.lr_scale * mult
 
-    def _step(self, examples: Sequence[Example]) -> tuple[float, float, float]:
+    def _step(self, examples: Sequence[Example], owners: Sequence[int] | None = None
+              ) -> tuple[float, float, float]:
+        """One AdamW step; `owners` (B,) says which examples are the same user's (equal keys)."""
         cfg, dev = self.cfg, self.device
         b, t, n = len(examples), cfg.history_len, len(self.item_ids)
         hist = torch.full((b, t), -1, dtype=torch.long)
@@ -342,9 +350,30 @@ class OnlineLearner:
             other[:, :n_unique] |= ~is_pos[:, :n_unique]  # sampled negatives only
         if cfg.history_not_negative:  # (B, T, 1) == (1, 1, C) -> (B, C)
             other |= ((hist.unsqueeze(2) == cands.view(1, 1, -1)) & mask.unsqueeze(2)).any(1)
-            other[torch.arange(b, device=dev), first] = False
+        later = None
+        if owners is not None:  # (B, B) same user @ (B, C) positives -> (B, C)
+            key = torch.tensor(list(owners), device=dev)
+            same = key.unsqueeze(1) == key.unsqueeze(0)
+            other |= (same.float() @ is_pos.float()) > 0
+            if cfg.future_positives > 0:  # the positives of the user's later examples
+                order = torch.arange(b, device=dev)
+                after = same & (order.unsqueeze(0) > order.unsqueeze(1))  # (B, B)
+                later = (after.float() @ is_pos.float()) > 0  # (B, C)
+        rows = torch.arange(b, device=dev)
+        if cfg.history_not_negative or owners is not None:
+            other[rows, first] = False
+        raw = logits
         logits = logits.masked_fill(other, float("-inf"))
         loss = F.cross_entropy(logits, first)
+        if later is not None:
+            later[rows, first] = False
+            # -log softmax of each later positive p over {p} + the example's negatives
+            negs = logits.clone()
+            negs[rows, first] = float("-inf")
+            lse = torch.logsumexp(negs, dim=1, keepdim=True)  # (B, 1)
+            terms = F.softplus(lse - raw).masked_fill(~later, 0.0)  # (B, C)
+            per_row = terms.sum(1) / later.sum(1).clamp(min=1)
+            loss = loss + cfg.future_positives * per_row.mean()
         penalty = self._anchor_penalty()
         self.opt.zero_grad(set_to_none=True)
         self.id_opt.zero_grad(set_to_none=True)

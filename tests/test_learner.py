@@ -45,7 +45,7 @@ def stream(n: int, offset: int = 0) -> list[Interaction]:
 
 
 def make(tiny_encoder, **kw) -> OnlineLearner:  # noqa: ANN001
-    cfg = ModelConfig(encoder_path=tiny_encoder.path, negatives=16, **kw)
+    cfg = ModelConfig(**{"encoder_path": tiny_encoder.path, "negatives": 16, **kw})
     learner = OnlineLearner(cfg, copy.deepcopy(tiny_encoder), device="cpu")
     learner.add_items(ITEMS)
     return learner
@@ -442,3 +442,25 @@ def test_item_bias_is_served_as_trained_by_the_mlp_tower(tiny_encoder) -> None:
     learner.add_items([Item("fresh", "a brand new item")])
     learner.scorer()
     assert torch.count_nonzero(learner.net.id_emb[learner.index["fresh"]]) == 0
+
+
+@pytest.mark.parametrize("knob", ["history_not_negative", "user_not_negative"])
+def test_a_users_own_items_are_not_its_negatives(tiny_encoder, knob: str) -> None:
+    """Ranking leaves a user's earlier items out, and a user's bulk ratings in one micro-batch
+    are its next items in some order: with the knob on they are not trained as its negatives.
+    Built so that every candidate but the positive is such an item: the loss is then zero."""
+    kw = dict(negatives=0, replay=False, gate=False)
+    if knob == "history_not_negative":  # each user's only other candidate is in its history
+        first = [Interaction("u1", "1", 0.0), Interaction("u2", "2", 1.0)]
+        second = [Interaction("u1", "2", 2.0), Interaction("u2", "1", 3.0)]
+    else:  # one user's three events: each one's other candidates are the same user's
+        first = []
+        second = [Interaction("u1", str(i), float(i)) for i in range(3)]
+    losses = {}
+    for on in (False, True):
+        learner = make(tiny_encoder, **kw, **{knob: on})
+        if first:
+            learner.learn(first)
+        losses[on] = learner.learn(second).loss
+    assert losses[True] == 0.0
+    assert losses[False] > 0.1
