@@ -113,6 +113,9 @@ class OnlineLearner:
         self._last_scorer: Scorer | None = None
         self._touched: list[torch.Tensor] | None = None
         self.autocast = self.device.type == "cuda"
+        # items kept per user history and per example: what the user tower reads, or more when
+        # history_not_negative looks further back
+        self._kept = max(cfg.history_len, cfg.negative_history_len)
 
     # ------------------------------------------------------------------ catalog
     def add_items(self, items: Iterable[Item], progress: bool = False) -> int:
@@ -216,7 +219,7 @@ class OnlineLearner:
         out = []
         for e in events:
             target = self._ensure(e.item_id)
-            hist = self.histories.setdefault(e.user_id, deque(maxlen=self.cfg.history_len))
+            hist = self.histories.setdefault(e.user_id, deque(maxlen=self._kept))
             seen = self.seen.setdefault(e.user_id, set())
             example = (tuple(hist), target)
             if self.holds_out(e):
@@ -308,9 +311,15 @@ class OnlineLearner:
         cfg, dev = self.cfg, self.device
         b, t, n = len(examples), cfg.history_len, len(self.item_ids)
         hist = torch.full((b, t), -1, dtype=torch.long)
+        long = None  # (B, L) the longer history history_not_negative masks, when kept
+        if cfg.history_not_negative and self._kept > t:
+            long = torch.full((b, self._kept), -1, dtype=torch.long)
         for row, (h, _) in enumerate(examples):
             if h:
-                hist[row, t - len(h):] = torch.tensor(h[-t:])
+                recent = h[-t:]
+                hist[row, t - len(recent):] = torch.tensor(recent)
+                if long is not None:
+                    long[row, self._kept - len(h):] = torch.tensor(h)
         pos = torch.tensor([target for _, target in examples])
         neg = torch.randint(n, (cfg.negatives,), generator=self._gen)
         cands = torch.cat([pos.unique(), neg])  # (C,)
@@ -348,8 +357,8 @@ class OnlineLearner:
         else:
             n_unique = len(cands) - cfg.negatives
             other[:, :n_unique] |= ~is_pos[:, :n_unique]  # sampled negatives only
-        if cfg.history_not_negative:  # (B, T, 1) == (1, 1, C) -> (B, C)
-            other |= ((hist.unsqueeze(2) == cands.view(1, 1, -1)) & mask.unsqueeze(2)).any(1)
+        if cfg.history_not_negative:
+            other |= _history_mask(hist if long is None else long.to(dev), needed, c_rows)
         later = None
         if owners is not None:  # (B, B) same user @ (B, C) positives -> (B, C)
             key = torch.tensor(list(owners), device=dev)
@@ -375,6 +384,9 @@ class OnlineLearner:
             per_row = terms.sum(1) / later.sum(1).clamp(min=1)
             loss = loss + cfg.future_positives * per_row.mean()
         penalty = self._anchor_penalty()
+        if cfg.text_norm_penalty > 0 and cfg.item_tower == "linear" and cfg.text:
+            sq = self.net.text_part(text).float().pow(2).sum(-1)  # (U,)
+            penalty = penalty + cfg.text_norm_penalty * (sq - 1).pow(2).mean()
         self.opt.zero_grad(set_to_none=True)
         self.id_opt.zero_grad(set_to_none=True)
         (loss + penalty).backward()
@@ -569,6 +581,19 @@ class OnlineLearner:
         self._touch(None)  # any row may differ from the last Scorer's
         self._scorer = None
         self._stamp += 1
+
+
+def _history_mask(hist: torch.Tensor, needed: torch.Tensor, c_rows: torch.Tensor) -> torch.Tensor:
+    """(B, C) True where candidate c is in row b's history: histories (B, L) of catalog rows
+    (-1 = none), `needed` (U,) the sorted unique rows the step embeds, `c_rows` (C,) each
+    candidate's position in it. O(B L log U + B U): no (B, L, C) comparison."""
+    b = hist.shape[0]
+    at = torch.searchsorted(needed, hist.clamp(min=0)).clamp(max=len(needed) - 1)  # (B, L)
+    found = (needed[at] == hist) & (hist >= 0)
+    marks = torch.zeros(b, len(needed), dtype=torch.bool, device=hist.device)  # (B, U)
+    rows = torch.arange(b, device=hist.device).unsqueeze(1).expand_as(at)
+    marks[rows[found], at[found]] = True
+    return marks[:, c_rows]
 
 
 def _hits(ranked: Sequence[Sequence[str]], targets: Sequence[str]) -> tuple[list[float], list[float]]:
