@@ -360,11 +360,11 @@ class OnlineLearner:
         if cfg.history_not_negative:
             other |= _history_mask(hist if long is None else long.to(dev), needed, c_rows)
         later = None
-        if owners is not None:  # (B, B) same user @ (B, C) positives -> (B, C)
-            key = torch.tensor(list(owners), device=dev)
-            same = key.unsqueeze(1) == key.unsqueeze(0)
-            other |= (same.float() @ is_pos.float()) > 0
+        if owners is not None:  # (user, candidate) pairs that are some example's (user, positive)
+            key = torch.tensor(list(owners), device=dev)  # (B,) replayed: negative, unique
+            other |= torch.isin(key.unsqueeze(1) * n + cands.unsqueeze(0), key * n + pos)
             if cfg.future_positives > 0:  # the positives of the user's later examples
+                same = key.unsqueeze(1) == key.unsqueeze(0)
                 order = torch.arange(b, device=dev)
                 after = same & (order.unsqueeze(0) > order.unsqueeze(1))  # (B, B)
                 later = (after.float() @ is_pos.float()) > 0  # (B, C)
