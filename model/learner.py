@@ -310,16 +310,17 @@ class OnlineLearner:
         """One AdamW step; `owners` (B,) says which examples are the same user's (equal keys)."""
         cfg, dev = self.cfg, self.device
         b, t, n = len(examples), cfg.history_len, len(self.item_ids)
-        hist = torch.full((b, t), -1, dtype=torch.long)
-        long = None  # (B, L) the longer history history_not_negative masks, when kept
-        if cfg.history_not_negative and self._kept > t:
-            long = torch.full((b, self._kept), -1, dtype=torch.long)
-        for row, (h, _) in enumerate(examples):
-            if h:
-                recent = h[-t:]
-                hist[row, t - len(recent):] = torch.tensor(recent)
-                if long is not None:
-                    long[row, self._kept - len(h):] = torch.tensor(h)
+        # histories right-aligned, -1 = none, built as one tensor (a tensor per row cost more
+        # than the step's matmuls); L > T when history_not_negative looks further back
+        width = self._kept if cfg.history_not_negative and self._kept > t else t
+        flat: list[int] = []
+        for h, _ in examples:
+            h = h[-width:]
+            flat.extend([-1] * (width - len(h)))
+            flat.extend(h)
+        full = torch.tensor(flat, dtype=torch.long).view(b, width)  # (B, L)
+        hist = full[:, width - t:].contiguous()  # (B, T) what the user tower reads
+        long = full if width > t else None
         pos = torch.tensor([target for _, target in examples])
         neg = torch.randint(n, (cfg.negatives,), generator=self._gen)
         cands = torch.cat([pos.unique(), neg])  # (C,)
@@ -362,7 +363,10 @@ class OnlineLearner:
         later = None
         if owners is not None:  # (user, candidate) pairs that are some example's (user, positive)
             key = torch.tensor(list(owners), device=dev)  # (B,) replayed: negative, unique
-            other |= torch.isin(key.unsqueeze(1) * n + cands.unsqueeze(0), key * n + pos)
+            owned = (key * n + pos).unique()  # sorted codes of (user, positive)
+            query = key.unsqueeze(1) * n + cands.unsqueeze(0)  # (B, C)
+            at = torch.searchsorted(owned, query).clamp(max=len(owned) - 1)
+            other |= owned[at] == query
             if cfg.future_positives > 0:  # the positives of the user's later examples
                 same = key.unsqueeze(1) == key.unsqueeze(0)
                 order = torch.arange(b, device=dev)
