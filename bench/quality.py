@@ -869,6 +869,20 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
     return json_path, png_path
 
 
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """["lr=1e-3", "item_tower=linear"] -> {"lr": 0.001, "item_tower": "linear"}."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ValueError(f"expected FIELD=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.quality [--out DIR] [--events N] [--methods a,b,c] ...``."""
     parser = argparse.ArgumentParser(prog="bench.quality", description=__doc__.split("\n")[0])
@@ -939,6 +953,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="torch intra-op threads for the neural methods (1: measured fastest on a shared "
         "2-core CPU, where a second thread waits on a busy core)",
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="override a ModelConfig field of the neural methods (repeatable; the value is "
+        "parsed as JSON, else kept as a string), e.g. --set history_len=30 --set lr=1e-3",
+    )
     args = parser.parse_args(argv)
 
     methods = (
@@ -969,6 +988,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             small_batch=args.small_batch or neural.BASE_CONFIG.small_batch,
             item_tower=args.item_tower or neural.BASE_CONFIG.item_tower,
         )
+        try:
+            neural.BASE_CONFIG = replace(neural.BASE_CONFIG, **_overrides(args.set))
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--set: {exc}")
     if args.merge:
         dataset = None
     elif args.synthetic:

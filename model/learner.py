@@ -113,6 +113,9 @@ class OnlineLearner:
         self._last_scorer: Scorer | None = None
         self._touched: list[torch.Tensor] | None = None
         self.autocast = self.device.type == "cuda"
+        # items kept per user history and per example: what the user tower reads, or more when
+        # history_not_negative looks further back
+        self._kept = max(cfg.history_len, cfg.negative_history_len)
 
     # ------------------------------------------------------------------ catalog
     def add_items(self, items: Iterable[Item], progress: bool = False) -> int:
@@ -216,7 +219,7 @@ class OnlineLearner:
         out = []
         for e in events:
             target = self._ensure(e.item_id)
-            hist = self.histories.setdefault(e.user_id, deque(maxlen=self.cfg.history_len))
+            hist = self.histories.setdefault(e.user_id, deque(maxlen=self._kept))
             seen = self.seen.setdefault(e.user_id, set())
             example = (tuple(hist), target)
             if self.holds_out(e):
@@ -265,14 +268,20 @@ class OnlineLearner:
         self._sync_id_table()
         share = min(1.0, len(fresh) / cfg.step_events)  # of a full step's events
         lr_mult = share if cfg.small_batch == "scale" else 1.0
-        examples = fresh + self.reservoir.sample(self._replay_count(len(fresh)))
+        replayed = self.reservoir.sample(self._replay_count(len(fresh)))
+        examples = fresh + replayed
+        owners = None
+        if cfg.user_not_negative or cfg.future_positives > 0:  # whose; replayed: nobody's
+            keys = {u: j for j, u in enumerate(dict.fromkeys(e.user_id for e in batch))}
+            owners = [keys[e.user_id] for e in batch if not self.holds_out(e)]
+            owners += range(-1, -1 - len(replayed), -1)
         for ex in fresh:
             self.reservoir.add(ex)
         self._set_lr(lr_mult)
         loss = penalty = grad_norm = 0.0
         if examples:  # else every event was held out for the gate: nothing to learn
             for _ in range(cfg.steps_per_batch):
-                loss, penalty, grad_norm = self._step(examples)
+                loss, penalty, grad_norm = self._step(examples, owners)
             self._adapt_lr(loss, share)
         self._move_ema_anchor(len(fresh))
         self._stamp += 1
@@ -296,13 +305,22 @@ class OnlineLearner:
         for g in self.id_opt.param_groups:
             g["lr"] = self.cfg.id_lr * self.lr_scale * mult
 
-    def _step(self, examples: Sequence[Example]) -> tuple[float, float, float]:
+    def _step(self, examples: Sequence[Example], owners: Sequence[int] | None = None
+              ) -> tuple[float, float, float]:
+        """One AdamW step; `owners` (B,) says which examples are the same user's (equal keys)."""
         cfg, dev = self.cfg, self.device
         b, t, n = len(examples), cfg.history_len, len(self.item_ids)
-        hist = torch.full((b, t), -1, dtype=torch.long)
-        for row, (h, _) in enumerate(examples):
-            if h:
-                hist[row, t - len(h):] = torch.tensor(h[-t:])
+        # histories right-aligned, -1 = none, built as one tensor (a tensor per row cost more
+        # than the step's matmuls); L > T when history_not_negative looks further back
+        width = self._kept if cfg.history_not_negative and self._kept > t else t
+        flat: list[int] = []
+        for h, _ in examples:
+            h = h[-width:]
+            flat.extend([-1] * (width - len(h)))
+            flat.extend(h)
+        full = torch.tensor(flat, dtype=torch.long).view(b, width)  # (B, L)
+        hist = full[:, width - t:].contiguous()  # (B, T) what the user tower reads
+        long = full if width > t else None
         pos = torch.tensor([target for _, target in examples])
         neg = torch.randint(n, (cfg.negatives,), generator=self._gen)
         cands = torch.cat([pos.unique(), neg])  # (C,)
@@ -315,7 +333,7 @@ class OnlineLearner:
                 text = self.text[needed]
             else:
                 text = self.encoder([self.texts[i] for i in needed.tolist()])
-            vecs = self.net.item_vectors(text, needed)  # (U, d)
+            vecs, bias = self.net.item_parts(text, needed)  # (U, d), (U,) or None
             h_rows = inverse[: b * t].view(b, t)
             c_rows = inverse[b * t: b * t + len(cands)]
             mask = hist >= 0
@@ -323,7 +341,10 @@ class OnlineLearner:
             # thread-dependent order on the CPU, which broke seeded determinism with 2 threads
             h_vecs = vecs.index_select(0, h_rows.flatten()).view(b, t, -1)  # (B, T, d)
             users = self.net.user_vectors(h_vecs * mask.unsqueeze(-1), mask)  # (B, d)
-            logits = users.float() @ vecs.index_select(0, c_rows).float().T / cfg.temperature
+            logits = users.float() @ vecs.index_select(0, c_rows).float().T  # (B, C)
+            if bias is not None:
+                logits = logits + bias.index_select(0, c_rows).float()
+            logits = logits / cfg.temperature
         is_pos = cands.unsqueeze(0) == pos.unsqueeze(1)  # (B, C)
         first = is_pos.float().argmax(dim=1)  # the positive's column (unique part comes first)
         other = is_pos.clone()
@@ -332,13 +353,44 @@ class OnlineLearner:
             # logQ correction: candidates come from a mixture of the batch's positives (by
             # popularity) and a uniform draw; subtract the log expected count of each under it.
             p = torch.from_numpy(self.freq[cands.cpu().numpy()] / max(self.freq_total, 1.0))
-            logits = logits - torch.log(b * p.to(dev).float() + cfg.negatives / max(n, 1) + 1e-9)
+            logq = torch.log(b * p.to(dev).float() + cfg.negatives / max(n, 1) + 1e-9)
+            logits = logits - cfg.logq_weight * logq
         else:
             n_unique = len(cands) - cfg.negatives
             other[:, :n_unique] |= ~is_pos[:, :n_unique]  # sampled negatives only
+        if cfg.history_not_negative:
+            other |= _history_mask(hist if long is None else long.to(dev), needed, c_rows)
+        later = None
+        if owners is not None:  # (user, candidate) pairs that are some example's (user, positive)
+            key = torch.tensor(list(owners), device=dev)  # (B,) replayed: negative, unique
+            owned = (key * n + pos).unique()  # sorted codes of (user, positive)
+            query = key.unsqueeze(1) * n + cands.unsqueeze(0)  # (B, C)
+            at = torch.searchsorted(owned, query).clamp(max=len(owned) - 1)
+            other |= owned[at] == query
+            if cfg.future_positives > 0:  # the positives of the user's later examples
+                same = key.unsqueeze(1) == key.unsqueeze(0)
+                order = torch.arange(b, device=dev)
+                after = same & (order.unsqueeze(0) > order.unsqueeze(1))  # (B, B)
+                later = (after.float() @ is_pos.float()) > 0  # (B, C)
+        rows = torch.arange(b, device=dev)
+        if cfg.history_not_negative or owners is not None:
+            other[rows, first] = False
+        raw = logits
         logits = logits.masked_fill(other, float("-inf"))
         loss = F.cross_entropy(logits, first)
+        if later is not None:
+            later[rows, first] = False
+            # -log softmax of each later positive p over {p} + the example's negatives
+            negs = logits.clone()
+            negs[rows, first] = float("-inf")
+            lse = torch.logsumexp(negs, dim=1, keepdim=True)  # (B, 1)
+            terms = F.softplus(lse - raw).masked_fill(~later, 0.0)  # (B, C)
+            per_row = terms.sum(1) / later.sum(1).clamp(min=1)
+            loss = loss + cfg.future_positives * per_row.mean()
         penalty = self._anchor_penalty()
+        if cfg.text_norm_penalty > 0 and cfg.item_tower == "linear" and cfg.text:
+            sq = self.net.text_part(text).float().pow(2).sum(-1)  # (U,)
+            penalty = penalty + cfg.text_norm_penalty * (sq - 1).pow(2).mean()
         self.opt.zero_grad(set_to_none=True)
         self.id_opt.zero_grad(set_to_none=True)
         (loss + penalty).backward()
@@ -533,6 +585,19 @@ class OnlineLearner:
         self._touch(None)  # any row may differ from the last Scorer's
         self._scorer = None
         self._stamp += 1
+
+
+def _history_mask(hist: torch.Tensor, needed: torch.Tensor, c_rows: torch.Tensor) -> torch.Tensor:
+    """(B, C) True where candidate c is in row b's history: histories (B, L) of catalog rows
+    (-1 = none), `needed` (U,) the sorted unique rows the step embeds, `c_rows` (C,) each
+    candidate's position in it. O(B L log U + B U): no (B, L, C) comparison."""
+    b = hist.shape[0]
+    at = torch.searchsorted(needed, hist.clamp(min=0)).clamp(max=len(needed) - 1)  # (B, L)
+    found = (needed[at] == hist) & (hist >= 0)
+    marks = torch.zeros(b, len(needed), dtype=torch.bool, device=hist.device)  # (B, U)
+    rows = torch.arange(b, device=hist.device).unsqueeze(1).expand_as(at)
+    marks[rows[found], at[found]] = True
+    return marks[:, c_rows]
 
 
 def _hits(ranked: Sequence[Sequence[str]], targets: Sequence[str]) -> tuple[list[float], list[float]]:

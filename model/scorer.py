@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from model import quant
-from model.towers import TwoTower, id_scale
+from model.towers import TwoTower, id_scale, split_row
 
 HEADROOM = 1.25  # a column buffer holds this many times the rows it needs: appends are amortised
 MAX_LOG = 64  # generations of changed rows kept; a buffer further behind is refreshed by memcpy
@@ -180,21 +180,26 @@ class Scorer:
             n = len(self.names)
             table = net.id_emb if ids is None else ids
             dev = table.device
-            rows = torch.zeros(n, net.cfg.dim, device=dev)  # rows past the table: new items
+            # rows past the table: new items; with item_bias the last column is the offset
+            rows = torch.zeros(n, net.cfg.dim + int(net.cfg.item_bias), device=dev)
             n_ids = min(n, table.shape[0])
             if net.cfg.id_embedding and n_ids:
                 rows[:n_ids] = table[:n_ids]
             if self.linear:
                 if net.cfg.text and base is None:
                     base = fixed_projection(net, text)
-                cols = linear_columns(rows, base)
+                cols = linear_columns(rows, base, net.cfg.dim)
                 self.width = cols.shape[1]
                 self._store = ColumnStore()
                 self._adopt(self._store.first(quant.encode(cols, dtype)))
             else:
-                self.width = net.cfg.dim
-                self.items = quant.encode(
-                    torch.nn.functional.normalize(net.text_part(text) + rows, dim=-1), dtype)
+                e, bias = split_row(rows, net.cfg.dim)
+                assert e is not None
+                items = torch.nn.functional.normalize(net.text_part(text) + e, dim=-1)
+                if bias is not None:  # (N, d + 1): [v | offset], queried by [u | 1]
+                    items = torch.cat([items, bias.unsqueeze(-1)], dim=-1)
+                self.width = items.shape[1]
+                self.items = quant.encode(items, dtype)
 
     def _adopt(self, buf: _Buffer) -> None:
         buf.owner = weakref.ref(self)
@@ -218,7 +223,7 @@ class Scorer:
         out.names, out.net, out.linear = names, net, True
         out.history_len, out.dtype, out.width = net.cfg.history_len, self.dtype, self.width
         with torch.no_grad():
-            vals = quant.encode(linear_columns(ids, base), self.dtype)  # (k, w) stored
+            vals = quant.encode(linear_columns(ids, base, net.cfg.dim), self.dtype)  # (k, w)
             if self._buf.gen != self._store.gen:  # not the newest of its lineage: start a new one
                 out._store = ColumnStore()
                 buf = out._store.first(self.cols)
@@ -229,18 +234,25 @@ class Scorer:
         return out
 
     def _queries(self, users: torch.Tensor) -> torch.Tensor:
-        """(B, d) user vectors -> (B, k + 1 + d) queries over `cols`."""
-        if not self.net.cfg.text:
-            return users
-        proj = self.net.adapter.proj
-        return torch.cat([users @ proj.weight, (users @ proj.bias).unsqueeze(-1), users], dim=1)
+        """(B, d) user vectors -> the queries over the stored item matrix: (B, k + 1 + d) over
+        `cols` (linear), the user vectors themselves (mlp); with item_bias one more column of
+        ones reads the items' offsets."""
+        q = users
+        if self.linear and self.net.cfg.text:
+            proj = self.net.adapter.proj
+            q = torch.cat([users @ proj.weight, (users @ proj.bias).unsqueeze(-1), users], dim=1)
+        if self.net.cfg.item_bias:
+            q = torch.cat([q, q.new_ones(q.shape[0], 1)], dim=1)
+        return q
 
     def _item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
         """Candidate vectors (..., d) of catalog rows `idx` (...,)."""
-        if not self.linear:
-            return quant.decode(self.items[idx], self.dtype, self.width)
         d = self.net.cfg.dim
+        if not self.linear:
+            return quant.decode(self.items[idx], self.dtype, self.width)[..., :d]
         rows = quant.decode(self.cols[idx], self.dtype, self.width)  # (..., k + 1 + d): s t, s, s e
+        if self.net.cfg.item_bias:
+            rows = rows[..., :-1]  # the offset column is not part of the vector
         out = rows[..., -d:]
         if self.net.cfg.text:
             out = out + self.net.adapter.proj(rows[..., :-d - 1]) - \
@@ -279,10 +291,8 @@ class Scorer:
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
         """(B, d) user vectors -> (B, N) scores over the whole catalog."""
-        if self.linear:
-            return quant.scores(self._queries(users), self.cols, self.dtype) / \
-                self.net.cfg.temperature
-        return quant.scores(users, self.items, self.dtype) / self.net.cfg.temperature
+        matrix = self.cols if self.linear else self.items
+        return quant.scores(self._queries(users), matrix, self.dtype) / self.net.cfg.temperature
 
     def matrix_bytes(self) -> int:
         """Bytes of the item matrix this Scorer reads (one side of the left-right pool)."""
@@ -339,15 +349,19 @@ class Scorer:
         return [got or [] for got in out]
 
 
-def linear_columns(ids: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+def linear_columns(ids: torch.Tensor, base: torch.Tensor | None, d: int | None = None
+                   ) -> torch.Tensor:
     """Candidate columns [s t | s | s e] (N, k + 1 + d) of items with ID rows `ids` (N, d) and
     fixed projections `base` (N, k), s = id_scale(e): a query [W^T u | u . b | u] scores
-    s (W t + b + e) . u, so the adapter W, b never touches them. Row by row: a subset of rows
-    gets the same bits as the whole (what lets `Scorer.updated` equal a full build)."""
-    scale = id_scale(ids)  # (N, 1)
-    if base is None:
-        return scale * ids
-    return torch.cat([scale * base, scale, scale * ids], dim=1)
+    s (W t + b + e) . u, so the adapter W, b never touches them. ID rows (N, d + 1) carry an
+    offset o (item_bias; pass `d`): the columns end with it, read by a trailing 1 in the query.
+    Row by row: a subset of rows gets the same bits as the whole (what lets `Scorer.updated`
+    equal a full build)."""
+    e, bias = split_row(ids, ids.shape[1] if d is None else d)
+    assert e is not None
+    scale = id_scale(e)  # (N, 1)
+    cols = scale * e if base is None else torch.cat([scale * base, scale, scale * e], dim=1)
+    return cols if bias is None else torch.cat([cols, bias.unsqueeze(-1)], dim=1)
 
 
 def fixed_projection(net: TwoTower, text: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,14 @@ def id_scale(ids: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(1 + (ids * ids).sum(-1, keepdim=True))
 
 
+def split_row(row: torch.Tensor | None, d: int
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """ID rows (N, d) or (N, d + 1) -> the ID vectors (N, d) and the offsets (N,) or None."""
+    if row is None or row.shape[-1] == d:
+        return row, None
+    return row[..., :d], row[..., d]
+
+
 class UserTower(nn.Module):
     """Reads the user's last T item vectors (oldest first, left-padded) into one query vector."""
 
@@ -69,7 +77,10 @@ class UserTower(nn.Module):
             for _ in range(cfg.user_layers)
         )
         self.recency = nn.Parameter(torch.linspace(-1.0, 0.0, t))  # pooling logits per position
-        self.out = nn.Linear(2 * d, d)
+        self.out: nn.Module = nn.Linear(2 * d, d)
+        if cfg.user_hidden > 0:
+            self.out = nn.Sequential(nn.Linear(2 * d, cfg.user_hidden), nn.GELU(),
+                                     nn.Linear(cfg.user_hidden, d))
 
     def forward(self, hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """hist (B, T, d) item vectors, mask (B, T) True where an item is present -> (B, d)."""
@@ -94,7 +105,8 @@ class TwoTower(nn.Module):
         self.cfg = cfg
         self.adapter = ItemAdapter(text_dim, cfg)
         self.user = UserTower(cfg)
-        self.id_emb = nn.Parameter(torch.zeros(n_items, cfg.dim))  # zero: new items = text only
+        # zero: new items = text only; with item_bias one more column holds the item's offset
+        self.id_emb = nn.Parameter(torch.zeros(n_items, cfg.dim + int(cfg.item_bias)))
 
     def text_part(self, text: torch.Tensor) -> torch.Tensor:
         """text (N, H) -> (N, d): what the text contributes; nothing in an ID-only model."""
@@ -105,12 +117,19 @@ class TwoTower(nn.Module):
     def item_vectors(self, text: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         """text (N, H) features of items `idx` (N,) -> candidate vectors (N, d): unit vectors
         (`mlp`), or (W t + b + e) * id_scale(e) (`linear`). Sparse grads on IDs."""
+        return self.item_parts(text, idx)[0]
+
+    def item_parts(self, text: torch.Tensor, idx: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`item_vectors` and the items' score offsets (N,) (None without `item_bias`): an item
+        scores (u . v + offset) / temperature."""
         v = self.text_part(text)
-        e = F.embedding(idx, self.id_emb, sparse=True) if self.cfg.id_embedding and \
+        row = F.embedding(idx, self.id_emb, sparse=True) if self.cfg.id_embedding and \
             idx is not None else None
+        e, bias = split_row(row, self.cfg.dim)
         if self.cfg.item_tower == "linear":
-            return v if e is None else (v + e) * id_scale(e)
-        return F.normalize(v if e is None else v + e, dim=-1)
+            return (v if e is None else (v + e) * id_scale(e)), bias
+        return F.normalize(v if e is None else v + e, dim=-1), bias
 
     def history_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """Candidate vectors (..., d) -> what the user tower reads: unit vectors."""
@@ -131,5 +150,6 @@ class TwoTower(nn.Module):
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + old.shape[0])
             rows = torch.randn(n_items - old.shape[0], old.shape[1], generator=gen) * 0.1
             new[old.shape[0]:] = rows.to(dtype=old.dtype, device=old.device)
+            new[old.shape[0]:, self.cfg.dim:] = 0  # the offset column starts at zero
         new[: old.shape[0]] = old
         self.id_emb = nn.Parameter(new)

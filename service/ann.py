@@ -230,7 +230,7 @@ def _stored(scorer: Scorer) -> torch.Tensor:
 
 
 def _queries(scorer: Scorer, users: torch.Tensor) -> np.ndarray:
-    q = scorer._queries(users) if scorer.linear else users
+    q = scorer._queries(users)
     return np.ascontiguousarray(q.detach().to(torch.float32).numpy())
 
 

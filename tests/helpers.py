@@ -48,9 +48,10 @@ class Publisher:
     def __init__(self, client: redis.Redis, namespace: str, encoder_path: str,
                  encoder: TextEncoder | None = None, items: Sequence[Item] | None = None,
                  events: Sequence[Interaction] | None = None, key: str = HMAC_KEY,
-                 item_tower: str = "mlp") -> None:
+                 item_tower: str = "mlp", item_bias: bool = False) -> None:
         self.cfg = ModelConfig(encoder_path=encoder_path, dim=16, history_len=8, negatives=16,
-                               user_heads=2, replay_size=500, item_tower=item_tower)
+                               user_heads=2, replay_size=500, item_tower=item_tower,
+                               item_bias=item_bias)
         self.learner = OnlineLearner(self.cfg, encoder or TextEncoder(encoder_path), device="cpu")
         self.store = WeightStore(client, key.encode(), namespace)
         self.items = list(items if items is not None else make_items())

@@ -86,3 +86,15 @@ def test_rankings_never_see_the_event_being_predicted(tiny_base: ModelConfig) ->
         learned.setdefault(e.user_id, []).append(e.item_id)
     for user, items in learned.items():
         assert model.learner.history(user) == items[-8:], user
+
+
+def test_set_overrides_parse_json_values_and_keep_strings() -> None:
+    """`--set FIELD=VALUE` (the dev sweep's knob): JSON values, else the raw string; a pair
+    without '=' is an error, and the result builds a ModelConfig."""
+    got = quality._overrides(["lr=1e-3", "history_not_negative=true", "item_tower=linear",
+                              "negative_history_len=100"])
+    assert got == {"lr": 0.001, "history_not_negative": True, "item_tower": "linear",
+                   "negative_history_len": 100}
+    assert replace(ModelConfig(), **got).negative_history_len == 100
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        quality._overrides(["lr"])

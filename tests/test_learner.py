@@ -45,7 +45,7 @@ def stream(n: int, offset: int = 0) -> list[Interaction]:
 
 
 def make(tiny_encoder, **kw) -> OnlineLearner:  # noqa: ANN001
-    cfg = ModelConfig(encoder_path=tiny_encoder.path, negatives=16, **kw)
+    cfg = ModelConfig(**{"encoder_path": tiny_encoder.path, "negatives": 16, **kw})
     learner = OnlineLearner(cfg, copy.deepcopy(tiny_encoder), device="cpu")
     learner.add_items(ITEMS)
     return learner
@@ -379,10 +379,12 @@ def test_logq_frequencies_forget_with_the_half_life(tiny_encoder) -> None:
     assert all_time.freq[one] == all_time.freq[two] == 100 and all_time.freq_total == 200
 
 
-def test_linear_item_tower_folds_the_adapter_into_the_query(tiny_encoder) -> None:
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_linear_item_tower_folds_the_adapter_into_the_query(tiny_encoder, item_bias: bool) -> None:
     """item_tower="linear": the ranking view's per-item columns change only in the ID rows a
-    step touched (the adapter folds into the query), and its scores are the training model's."""
-    learner = make(tiny_encoder, item_tower="linear", replay=False)
+    step touched (the adapter folds into the query), and its scores are the training model's
+    (with item_bias: plus the offset that rides in the ID row)."""
+    learner = make(tiny_encoder, item_tower="linear", replay=False, item_bias=item_bias)
     learner.add_items([Item(f"x{i}", f"extra {i}") for i in range(200)])
     learner.learn(stream(100))
     before = learner.scorer().cols.clone()
@@ -407,6 +409,58 @@ def test_linear_item_tower_folds_the_adapter_into_the_query(tiny_encoder) -> Non
         mask = torch.zeros(1, t, dtype=torch.bool)
         mask[0, -3:] = True
         u = net.user_vectors(h, mask)
-        want = (u @ vecs.T / learner.cfg.temperature)[0]
+        _, offset = net.item_parts(learner.text[:n], idx)
+        want = ((u @ vecs.T)[0] + (0 if offset is None else offset)) / learner.cfg.temperature
+    assert (offset is not None) == item_bias
+    if item_bias:
+        assert torch.count_nonzero(offset) > 0, "the offsets learned"
     got = dict(learner.rank(hist, n))
     assert max(abs(got[i] - float(want[learner.index[i]])) for i in got) < 1e-4
+
+
+def test_item_bias_is_served_as_trained_by_the_mlp_tower(tiny_encoder) -> None:
+    """item_bias with the mlp tower: scores are (u . v + offset) / temperature, the offset a
+    column of the ID row, so it changes only in the rows a step touched, and new items start at 0."""
+    learner = make(tiny_encoder, item_bias=True, replay=False)
+    learner.learn(stream(100))
+    net, n = learner.net, len(learner.item_ids)
+    assert net.id_emb.shape[1] == learner.cfg.dim + 1
+    hist = ["1", "2", "3"]
+    with torch.no_grad():
+        idx = torch.arange(n)
+        vecs, offset = net.item_parts(learner.text[:n], idx)
+        assert offset is not None and torch.count_nonzero(offset) > 0
+        t = learner.cfg.history_len
+        h = torch.zeros(1, t, learner.cfg.dim)
+        h[0, -3:] = net.history_vectors(vecs[[learner.index[i] for i in hist]])
+        mask = torch.zeros(1, t, dtype=torch.bool)
+        mask[0, -3:] = True
+        u = net.user_vectors(h, mask)
+        want = ((u @ vecs.T)[0] + offset) / learner.cfg.temperature
+    got = dict(learner.rank(hist, n))
+    assert max(abs(got[i] - float(want[learner.index[i]])) for i in got) < 1e-4
+    learner.add_items([Item("fresh", "a brand new item")])
+    learner.scorer()
+    assert torch.count_nonzero(learner.net.id_emb[learner.index["fresh"]]) == 0
+
+
+@pytest.mark.parametrize("knob", ["history_not_negative", "user_not_negative"])
+def test_a_users_own_items_are_not_its_negatives(tiny_encoder, knob: str) -> None:
+    """Ranking leaves a user's earlier items out, and a user's bulk ratings in one micro-batch
+    are its next items in some order: with the knob on they are not trained as its negatives.
+    Built so that every candidate but the positive is such an item: the loss is then zero."""
+    kw = dict(negatives=0, replay=False, gate=False)
+    if knob == "history_not_negative":  # each user's only other candidate is in its history
+        first = [Interaction("u1", "1", 0.0), Interaction("u2", "2", 1.0)]
+        second = [Interaction("u1", "2", 2.0), Interaction("u2", "1", 3.0)]
+    else:  # one user's three events: each one's other candidates are the same user's
+        first = []
+        second = [Interaction("u1", str(i), float(i)) for i in range(3)]
+    losses = {}
+    for on in (False, True):
+        learner = make(tiny_encoder, **kw, **{knob: on})
+        if first:
+            learner.learn(first)
+        losses[on] = learner.learn(second).loss
+    assert losses[True] == 0.0
+    assert losses[False] > 0.1

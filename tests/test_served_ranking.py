@@ -162,16 +162,18 @@ def check(c: TestClient, pub: Publisher, fs: FeatureStore, version: int, catalog
                       f"the first: {diffs[0]}"
 
 
-@pytest.mark.parametrize("item_tower", ["mlp", "linear"])
+@pytest.mark.parametrize(("item_tower", "item_bias"),
+                         [("mlp", False), ("linear", False), ("mlp", True), ("linear", True)])
 def test_served_ranking_equals_the_learners(redis_url: str, api_redis_url: str, namespace: str,
                                             tiny_encoder_path: str, tiny_encoder,  # noqa: ANN001
-                                            item_tower: str) -> None:
+                                            item_tower: str, item_bias: bool) -> None:
     """`linear`: the server builds each delta's Scorer from the one it serves, the learner its
-    own from its previous one; both must still equal each other exactly."""
+    own from its previous one; both must still equal each other exactly. `item_bias`: the
+    per-item offset rides in the ID rows (one more column) and is served the same way."""
     r = redis.Redis.from_url(redis_url)
     items = make_items(40)
     pub = Publisher(r, namespace, tiny_encoder_path, tiny_encoder, items=[],
-                    item_tower=item_tower)
+                    item_tower=item_tower, item_bias=item_bias)
     fs = seed_features(r, namespace, items, [])
     trainer_adds(pub, fs, items)
     learn(pub, fs, make_events(items, users=len(USERS), n=160))
