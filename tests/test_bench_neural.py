@@ -71,7 +71,7 @@ def test_rankings_never_see_the_event_being_predicted(tiny_base: ModelConfig) ->
     ds = synthetic_stream(n_users=30, n_items=50, n_events=600, drift_every=0, seed=2)
     cfg = QualityConfig(batch_size=50, window=100, loo=False)
     split = split_warmup(ds.interactions, cfg)
-    model = Spy(replace(tiny_base, history_len=8))
+    model = Spy(replace(tiny_base, history_len=8, negative_history_len=0))  # keeps 8 per user
     model.add_items(ds.items)
     for start in range(0, len(split.train), cfg.batch_size):
         model.learn(split.train[start:start + cfg.batch_size])
