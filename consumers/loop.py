@@ -110,6 +110,7 @@ class Transport:
         self.stall_s = STALL_S
         self._progress_at = time.monotonic()  # last poll with records, or with nothing to fetch
         self._reset_at = float("-inf")  # last time a stall was met by resetting the fetch state
+        self._assigned: frozenset[TopicPartition] = frozenset()
 
     def _dlq_producer(self) -> KafkaProducer:
         # Delivery is bounded below DLQ_WAIT_S, so every DLQ write has an outcome to check.
@@ -190,8 +191,9 @@ class Transport:
     def _watch_for_stall(self, got_records: bool) -> None:
         """Notice a partition that fetches nothing while its log grows (see STALL_S)."""
         now = time.monotonic()
-        if got_records:
-            self._progress_at = now
+        assigned = frozenset(self.consumer.assignment())
+        if got_records or assigned != self._assigned:  # a (re)join starts the clock again
+            self._progress_at, self._assigned = now, assigned
             return
         if now - self._progress_at < self.stall_s:
             return
