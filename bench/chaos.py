@@ -166,8 +166,7 @@ class Chaos:
         try:
             self._wait("recovery", caught_up, RECOVER_TIMEOUT_S)
         except RuntimeError:
-            for child in ("trainer", "features"):
-                self._signal_child(child, signal.SIGUSR1)
+            self._dump_stacks()
             return None
         return time.monotonic() - t_inject
 
@@ -198,13 +197,30 @@ class Chaos:
     def _signal_child(self, name: str, sig: int) -> None:
         os.kill(self.live.child(name).proc.pid, sig)
 
+    def _signalled(self, name: str, sig: int) -> bool:
+        """Signal the child; False while it is between an exit and its restart."""
+        try:
+            self._signal_child(name, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _dump_stacks(self) -> None:
+        """SIGUSR1 to both consumers (their stacks go to their logs); one that is between a
+        crash and its restart has no stack to give, which must not end the run."""
+        for child in ("trainer", "features"):
+            try:
+                self._signal_child(child, signal.SIGUSR1)
+            except ProcessLookupError:
+                self.log(f"{child} was not running when its stack was asked for")
+
     def repeated(self, name: str, sig: int, n: int) -> dict[str, Any]:
         """Signal the process n times at random moments; after each, wait until it recovered."""
         times = []
         for _ in range(n):
             time.sleep(self.rng.uniform(0.2, 2.5))
             t, wall = time.monotonic(), time.time()
-            self._signal_child(name, sig)
+            self._wait(f"{name} running", lambda: self._signalled(name, sig), 60)
             times.append(self.recovered(t, wall, trainer=name == "trainer",
                                         features=name == "features"))
         return {"injections": n, **_worst_and_median(times)}
