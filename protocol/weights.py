@@ -307,6 +307,8 @@ class WeightStore:
             named = parent_m.version if parent_m is not None else parent
             raise StaleParent(f"parent {named} is not in this store's history (epoch {epoch})")
         if not same_history:
+            if parent_m is not None:
+                self._numbers_continue_from(parent_m.version)
             parent_m = None
         version = int(self.r.incr(f"{self.ns}:seq"))
         chunks = [blob[i: i + CHUNK_BYTES] for i in range(0, len(blob), CHUNK_BYTES)] or [b""]
@@ -326,6 +328,24 @@ class WeightStore:
             raise LeaseLost(self._lost_message(lease))
         self.prune()
         return manifest
+
+    def _numbers_continue_from(self, version: int) -> None:
+        """Redis lost its history, so its counter starts again from 0, but this publisher still
+        holds `version`: move the counter up to it first, so the new epoch's numbers go on from
+        there and no client sees model_version go back (the epoch tells the histories apart)."""
+        key = f"{self.ns}:seq"
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    if int(pipe.get(key) or 0) >= version:
+                        return
+                    pipe.multi()
+                    pipe.set(key, version)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
     def _lost_message(self, lease: Lease | None) -> str:
         held = self.lease_holder()

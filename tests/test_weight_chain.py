@@ -122,6 +122,20 @@ def test_a_store_that_lost_everything_starts_a_new_epoch(pub: Publisher) -> None
         pub.publish(kind="delta")
 
 
+def test_numbers_go_on_rising_across_a_lost_history(pub: Publisher) -> None:
+    """The chaos run's FLUSHALL: the trainer republished as version 1 of a new epoch while
+    clients had been served 1,910, so every client saw model_version go back. The publisher
+    that still holds its parent moves the counter past it first."""
+    store = pub.store
+    for _ in range(3):
+        old = pub.publish()
+    for key in store.r.scan_iter(f"{store.ns}:*"):
+        store.r.delete(key)
+    again = pub.publish()  # the same trainer: a full snapshot in a new epoch
+    assert again.epoch != old.epoch and again.parent is None
+    assert again.version == old.version + 1, (again.version, old.version)
+
+
 def test_a_delta_on_a_replaced_parent_is_refused(pub: Publisher) -> None:
     """Splicing: the parent's number now names another (validly signed) version. The child's
     parent digest no longer matches, so the chain is refused instead of applied onto the wrong
