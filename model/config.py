@@ -135,6 +135,12 @@ class ModelConfig:
     gate_set: int = 256  # the newest held-out events the verdict ranks
     gate_min_events: int = 50  # a smaller set: no verdict yet (publish)
     gate_z: float = 2.0
+    # Above this many catalog items the verdict ranks each held-out target among a uniform
+    # sample of this many items (drawn afresh per verdict, the same for both weights) instead
+    # of the whole catalog: a paired comparison of the two weights on one sample stays fair,
+    # and a verdict costs O(gate_items), not O(catalog) (at 100k items the exact one took
+    # 0.34 s of every publish). 0: always the whole catalog.
+    gate_items: int = 10_000
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -167,9 +173,9 @@ class ModelConfig:
             raise ValueError(f"logq_halflife must be >= 0 events (0: all time), got "
                              f"{self.logq_halflife}")
         if self.gate_holdout < 2 or self.gate_set < 1 or self.gate_min_events < 1 or \
-                self.gate_z < 0:
+                self.gate_z < 0 or self.gate_items < 0:
             raise ValueError("gate_holdout must be >= 2, gate_set and gate_min_events >= 1, "
-                             "gate_z >= 0")
+                             "gate_z and gate_items >= 0")
         if self.negatives < 0 or not 0 <= self.replay_ratio <= 4:
             raise ValueError("negatives must be >= 0 and replay_ratio within [0, 4]")
         if self.future_positives < 0:

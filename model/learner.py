@@ -26,9 +26,11 @@ from model.encoder import TextEncoder
 from model.events import Interaction, Item
 from model.replay import Reservoir
 from model.scorer import ItemNames, Scorer, fixed_projection
+from model.serialization import ID_TABLE
 from model.towers import TwoTower
 
 Example = tuple[tuple[int, ...], int]  # (history item indices oldest first, target index)
+GATE_SAMPLE_VERDICTS = 64  # verdicts one sample of a large catalog serves (`gate_items`)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,9 @@ class OnlineLearner:
         self.device = pick_device(device)
         torch.manual_seed(cfg.seed)
         self._gen = torch.Generator().manual_seed(cfg.seed)
+        self._gate_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the gate's item samples
+        self._gate_rows: torch.Tensor | None = None  # the sample in use (None: every item)
+        self._gate_uses = 0  # verdicts on it so far
         self.encoder = encoder or TextEncoder(cfg.encoder_path, cfg.max_text_tokens, cfg.policy,
                                               cfg.lora_rank)
         self.encoder.to(self.device)
@@ -103,6 +108,7 @@ class OnlineLearner:
         self.lr_scale = 1.0
         self.anchor: list[torch.Tensor] | None = None
         self._published: dict[str, torch.Tensor] | None = None
+        self._published_rows = 0  # ID-table rows of the published weights
         self._published_scorer: Scorer | None = None
         self.validation: deque[HeldOut] = deque()  # the gate's set, oldest first
         self._stamp = 0  # changes whenever the weights do
@@ -112,6 +118,9 @@ class OnlineLearner:
         # changed since (None: everything, e.g. after a rollback), so the next is built from it
         self._last_scorer: Scorer | None = None
         self._touched: list[torch.Tensor] | None = None
+        # ID rows written since the last publish (None: any row may have been), so a delta
+        # and the rollback point cost what changed, not the catalog
+        self._dirty: list[torch.Tensor] | None = None
         self.autocast = self.device.type == "cuda"
         # items kept per user history and per example: what the user tower reads, or more when
         # history_not_negative looks further back
@@ -401,6 +410,7 @@ class OnlineLearner:
         if self.net.id_emb.grad is not None:
             self.id_opt.step()
             self._touch(needed)  # SparseAdam moved exactly the rows of its sparse gradient
+            self._mark_dirty(needed)
         return float(loss.detach()), float(penalty.detach()), grad_norm
 
     def _anchor_penalty(self) -> torch.Tensor:
@@ -482,19 +492,22 @@ class OnlineLearner:
         """Benchmark protocol: top-k item ids per history."""
         return [[i for i, _ in r] for r in self.scorer().rank_batch(histories, k, exclude)]
 
-    def evaluate(self, batch: Sequence[Interaction], k: int = 10) -> tuple[list[float], list[float]]:
-        """Prequential HR@k and NDCG@k per event, before learning it (histories grow in-batch)."""
+    def evaluate(self, batch: Sequence[Interaction], k: int = 10,
+                 only: Collection[int] | None = None) -> tuple[list[float], list[float]]:
+        """Prequential HR@k and NDCG@k per event, before learning it (histories grow in-batch);
+        `only`: rank just the events at these positions of `batch` (a sample of it)."""
         hist_of: dict[str, list[str]] = {}
         seen_of: dict[str, set[str]] = {}
-        histories, excludes = [], []
-        for e in batch:
+        histories, excludes, targets = [], [], []
+        for j, e in enumerate(batch):
             h = hist_of.setdefault(e.user_id, self.history(e.user_id))
             s = seen_of.setdefault(e.user_id, {self.item_ids[i] for i in self.seen.get(e.user_id, ())})
-            histories.append(list(h))
-            excludes.append(set(s))
+            if only is None or j in only:
+                histories.append(list(h))
+                excludes.append(set(s))
+                targets.append(e.item_id)
             h.append(e.item_id)
             s.add(e.item_id)
-        targets = [e.item_id for e in batch]
         return _hits(self.rank_batch(histories, k, excludes), targets)
 
     # ------------------------------------------------------------------ publishing
@@ -504,16 +517,20 @@ class OnlineLearner:
         both alike. Refused when the candidate lost more than `gate_tolerance` of the published
         HR and the paired difference is `gate_z` standard errors or more (a sign test on the
         events where only one of the two hits). With fewer than `gate_min_events` held out, or nothing
-        published yet, there is no verdict: publish."""
+        published yet, there is no verdict: publish. A catalog above `gate_items` is sampled:
+        both weights rank each target among the same `gate_items` random items
+        (`_gate_sample`)."""
         held = list(self.validation)
         cfg = self.cfg
         if not cfg.gate or self._published_scorer is None or len(held) < cfg.gate_min_events:
             return GateDecision(True, 0.0, 0.0, 0)
+        among = self._gate_sample()
         todo = [h for h in held if h.reference_hit is None]
-        if todo:  # the published weights rank each held-out event once
-            for h, hit in zip(todo, self._held_hits(self._published_scorer, todo, k), strict=True):
+        if todo:  # the published weights rank each held-out event once (per sample)
+            for h, hit in zip(todo, self._held_hits(self._published_scorer, todo, k, among),
+                              strict=True):
                 h.reference_hit = hit
-        hits = self._held_hits(self.scorer(), held, k)
+        hits = self._held_hits(self.scorer(), held, k, among)
         self._verdict = (self._stamp, list(zip(held, hits, strict=True)))
         refs = [h.reference_hit or 0.0 for h in held]
         hr, ref = float(np.mean(hits)), float(np.mean(refs))
@@ -523,7 +540,31 @@ class OnlineLearner:
         refuse = hr < (1.0 - cfg.gate_tolerance) * ref and worse
         return GateDecision(not refuse, hr, ref, len(held))
 
-    def _held_hits(self, scorer: Scorer, held: Sequence[HeldOut], k: int) -> list[float]:
+    def _gate_sample(self) -> torch.Tensor | None:
+        """The catalog rows the gate ranks among: None (all of them) up to `gate_items`, else
+        a uniform sample of that many, kept for GATE_SAMPLE_VERDICTS verdicts so that the
+        published weights' hits (computed once per held-out event) stay comparable; a new
+        sample forgets them. Items added since the draw join at the next one."""
+        n, want = len(self.item_ids), self.cfg.gate_items
+        if not want or n <= want:
+            if self._gate_rows is not None:
+                self._forget_reference_hits()
+            self._gate_rows = None
+            return None
+        if self._gate_rows is None or self._gate_uses >= GATE_SAMPLE_VERDICTS:
+            self._gate_rows = torch.randperm(n, generator=self._gate_gen)[:want]
+            self._gate_uses = 0
+            self._forget_reference_hits()
+        self._gate_uses += 1
+        return self._gate_rows
+
+    def _forget_reference_hits(self) -> None:
+        for h in self.validation:
+            h.reference_hit = None
+        self._verdict = None
+
+    def _held_hits(self, scorer: Scorer, held: Sequence[HeldOut], k: int,
+                   among: torch.Tensor | None = None) -> list[float]:
         t = self.cfg.history_len
         hist = torch.full((len(held), t), -1, dtype=torch.long)
         rows, cols = [], []
@@ -535,14 +576,33 @@ class OnlineLearner:
             cols.extend(h.exclude)
         targets = torch.tensor([h.example[1] for h in held])
         return scorer.hits(hist, (torch.tensor(rows, dtype=torch.long),
-                                  torch.tensor(cols, dtype=torch.long)), targets, k).tolist()
+                                  torch.tensor(cols, dtype=torch.long)), targets, k,
+                           among).tolist()
 
     def mark_published(self) -> None:
         """The current weights were published: they become the anchor, the rollback point and
-        the gate's reference (whose hits on the held-out events the last verdict computed)."""
+        the gate's reference (whose hits on the held-out events the last verdict computed).
+        Costs the ID rows written since the last publish, not the catalog."""
         if self.cfg.anchor != "ema":  # the ema anchor moves on its own clock
             self.anchor = [p.detach().clone() for p in self._dense]
-        self._published = {k: v.detach().clone() for k, v in self.state_tensors().items()}
+        now = self.state_tensors()
+        pub = self._published
+        if pub is None or self._dirty is None:
+            self._published = {k: v.detach().clone() for k, v in now.items()}
+        else:
+            table, old = now[ID_TABLE], pub[ID_TABLE]
+            if table.shape[0] > old.shape[0]:  # appended items: amortised growth
+                grown = table.new_zeros(max(table.shape[0], 2 * old.shape[0]), table.shape[1])
+                grown[: old.shape[0]] = old
+                old = grown
+            rows = torch.cat([self._dirty_rows(self._published_rows),
+                              torch.arange(self._published_rows, table.shape[0],
+                                           device=table.device)])
+            old[rows] = table[rows]
+            self._published = {k: v.detach().clone() for k, v in now.items() if k != ID_TABLE}
+            self._published[ID_TABLE] = old  # rows past the table's: spare capacity
+        self._published_rows = now[ID_TABLE].shape[0]
+        self._dirty = []
         self._published_scorer = self.scorer()
         judged = dict.fromkeys(map(id, self.validation))
         if self._verdict is not None and self._verdict[0] == self._stamp:
@@ -551,10 +611,50 @@ class OnlineLearner:
             h.reference_hit = judged[id(h)]
         self._verdict = None
 
+    def published_state(self) -> dict[str, torch.Tensor]:
+        """The last published weights (the rollback point), as `state_tensors` had them."""
+        assert self._published is not None, "nothing published yet"
+        return {**self._published, ID_TABLE: self._published[ID_TABLE][: self._published_rows]}
+
+    def published_delta(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """What changed since the last publish in `make_delta`'s form (dense tensors that
+        differ whole, the ID rows that differ or were appended, the appended names), at the
+        cost of the rows written since, not the catalog."""
+        assert self._published is not None, "nothing published yet"
+        now = self.state_tensors()
+        n_pub, table = self._published_rows, now[ID_TABLE]
+        old = self._published[ID_TABLE]
+        rows = self._dirty_rows(table.shape[0])
+        rows = rows[rows < n_pub]
+        rows = rows[(table[rows] != old[rows]).any(dim=1)]
+        rows = torch.cat([rows, torch.arange(n_pub, table.shape[0], device=rows.device)])
+        delta = {k: v for k, v in now.items()
+                 if k != ID_TABLE and not torch.equal(v, self._published[k])}
+        delta["id_emb.rows"] = rows.to(torch.int64).cpu()
+        delta["id_emb.values"] = table[rows].cpu()
+        delta["id_emb.size"] = torch.tensor([table.shape[0]], dtype=torch.int64)
+        return delta, self.item_ids[n_pub: table.shape[0]]
+
+    def _mark_dirty(self, rows: torch.Tensor | None) -> None:
+        if rows is None:
+            self._dirty = None
+        elif self._dirty is not None:
+            self._dirty.append(rows.flatten())
+            if len(self._dirty) > 64:  # bounded between publishes
+                self._dirty = [torch.cat(self._dirty).unique()]
+
+    def _dirty_rows(self, n: int) -> torch.Tensor:
+        """(k,) sorted rows below `n` written since the last publish (every row: unknown)."""
+        if self._dirty is None:
+            return torch.arange(n, device=self.device)
+        rows = torch.cat([torch.zeros(0, dtype=torch.long, device=self.device), *self._dirty])
+        rows = rows.unique()
+        return rows[rows < n]
+
     def rollback(self) -> None:
         """Return to the last published weights (after the gate refused the candidate)."""
         if self._published is not None:
-            self.load_tensors(self._published, self.item_ids[: self._published["id_emb"].shape[0]])
+            self.load_tensors(self.published_state(), self.item_ids[: self._published_rows])
         self._verdict = None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -583,6 +683,7 @@ class OnlineLearner:
             self.encoder.model.load_state_dict(enc, strict=False)
             self._refresh_text()
         self._touch(None)  # any row may differ from the last Scorer's
+        self._mark_dirty(None)
         self._scorer = None
         self._stamp += 1
 

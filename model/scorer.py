@@ -289,9 +289,12 @@ class Scorer:
         hist = hist * mask.unsqueeze(-1)  # (B, T, d)
         return self.net.user_vectors(hist, mask)
 
-    def scores(self, users: torch.Tensor) -> torch.Tensor:
-        """(B, d) user vectors -> (B, N) scores over the whole catalog."""
+    def scores(self, users: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d) user vectors -> (B, N) scores over the whole catalog, or (B, R) over the
+        catalog rows `rows` (R,)."""
         matrix = self.cols if self.linear else self.items
+        if rows is not None:
+            matrix = matrix[rows.to(matrix.device)]
         return quant.scores(self._queries(users), matrix, self.dtype) / self.net.cfg.temperature
 
     def matrix_bytes(self) -> int:
@@ -300,15 +303,32 @@ class Scorer:
 
     @torch.no_grad()
     def hits(self, history_rows: torch.Tensor, exclude: tuple[torch.Tensor, torch.Tensor],
-             targets: torch.Tensor, k: int) -> torch.Tensor:
+             targets: torch.Tensor, k: int, among: torch.Tensor | None = None) -> torch.Tensor:
         """1.0 where the target ranks in the top k, as `rank_batch` would rank it, in catalog
         rows throughout: histories (B, T) right-aligned with -1 for none, excluded cells as
         (row, column) index tensors, targets (B,). No sort and no per-row Python: the
-        validation gate calls it at every publish."""
-        scores = self.scores(self._users_of_rows(history_rows))
-        dev = scores.device
-        scores[exclude[0].to(dev), exclude[1].to(dev)] = float("-inf")
-        target = scores.gather(1, targets.to(dev).unsqueeze(1))
+        validation gate calls it at every publish. `among` (S,) distinct catalog rows: rank
+        each target among those rows only (a sampled ranking, O(S) not O(N) per target)."""
+        users = self._users_of_rows(history_rows)
+        if among is None:
+            scores = self.scores(users)
+            dev = scores.device
+            scores[exclude[0].to(dev), exclude[1].to(dev)] = float("-inf")
+            target = scores.gather(1, targets.to(dev).unsqueeze(1))
+        else:
+            dev = users.device
+            among = among.to(dev).sort().values
+            targets, rows, cols = targets.to(dev), exclude[0].to(dev), exclude[1].to(dev)
+            scores = self.scores(users, torch.cat([targets, among]))  # (B, B + S)
+            b = len(targets)
+            target = scores[torch.arange(b, device=dev), torch.arange(b, device=dev)]
+            target = target.unsqueeze(1)  # (B, 1) each row's own target
+            scores = scores[:, b:]  # (B, S) the sample
+            scores[among.unsqueeze(0) == targets.unsqueeze(1)] = float("-inf")  # not itself
+            at = torch.searchsorted(among, cols).clamp(max=max(len(among) - 1, 0))
+            inside = among[at] == cols if len(among) else torch.zeros_like(cols, dtype=bool)
+            scores[rows[inside], at[inside]] = float("-inf")
+            target[rows[cols == targets[rows]], 0] = float("-inf")  # an excluded target
         ahead = (scores > target).sum(dim=1)
         return ((ahead < k) & torch.isfinite(target.squeeze(1))).float().cpu()
 

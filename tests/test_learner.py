@@ -232,6 +232,38 @@ def test_adaptive_lr_rises_on_drift_and_stays_fixed_when_off(tiny_encoder) -> No
     assert stats.lr == fixed.cfg.lr
 
 
+@pytest.mark.parametrize("tower", ["mlp", "linear"])
+def test_published_delta_is_make_deltas_at_the_cost_of_what_changed(tiny_encoder, tower) -> None:
+    """The trainer's deltas come from the rows written since the last publish, not from
+    comparing two copies of the catalog: they must equal `make_delta` of those two copies,
+    through appended items, a rollback and several publishes."""
+    learner = make(tiny_encoder, item_tower=tower)
+    learner.add_items([Item(f"y{i}", f"other {i}") for i in range(300)])  # mostly untouched
+    learner.learn(stream(100))
+    learner.mark_published()
+    for s in range(100, 700, 100):
+        before = {k: v.clone() for k, v in learner.published_state().items()}
+        ids_before = list(learner.item_ids[: before["id_emb"].shape[0]])
+        if s == 300:
+            learner.add_items([Item(f"x{s}{i}", f"extra {s} {i}") for i in range(5)])
+        learner.learn(stream(100, s) + [Interaction("u1", f"x300{s % 5}", 1e4 + s)] * (s > 300))
+        ours, added = learner.published_delta()
+        theirs, their_added = make_delta(before, ids_before, learner.state_tensors(),
+                                         learner.item_ids)
+        assert added == their_added
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            assert torch.equal(ours[k], theirs[k]), k
+        assert 0 < len(ours["id_emb.rows"]) < len(learner.item_ids)
+        if s == 500:
+            learner.rollback()
+            assert [k for k in learner.published_delta()[0] if not k.startswith("id_emb")] == []
+        else:
+            learner.mark_published()
+        for k, v in learner.published_state().items():
+            assert torch.equal(v, learner.state_tensors()[k]), k
+
+
 def test_gate_refuses_garbage_and_rollback_restores_published(tiny_encoder) -> None:
     learner = make(tiny_encoder)
     learner.add_items([Item(f"x{i}", f"extra {i}") for i in range(300)])  # chance HR ~ 3%
@@ -284,6 +316,61 @@ def test_the_gates_hit_count_equals_ranking_top_k(tiny_encoder, tower) -> None:
     expect = [float(names[h.example[1]] in r) for h, r in zip(held, ranked, strict=True)]
     assert learner._held_hits(learner.scorer(), held, 10) == expect
     assert 0 < sum(expect) < len(expect)
+
+
+@pytest.mark.parametrize("tower", ["mlp", "linear"])
+def test_the_gates_sampled_ranking_is_the_ranking_among_the_sample(tiny_encoder, tower) -> None:
+    """A catalog above `gate_items` is judged on a sample: each target is ranked among the
+    sampled rows only (itself and excluded rows not counted), exactly as `rank_batch` would
+    rank it over a catalog of just those items; the whole catalog as the sample is exact."""
+    learner = make(tiny_encoder, item_tower=tower, gate_holdout=3)
+    for s in range(0, 900, 100):
+        learner.learn(stream(100, s))
+    held, names, scorer = list(learner.validation), learner.item_ids, learner.scorer()
+    everything = torch.arange(len(names))
+    assert learner._held_hits(scorer, held, 10, everything.flip(0)) == \
+        learner._held_hits(scorer, held, 10)
+    among = torch.randperm(len(names), generator=torch.Generator().manual_seed(1))[:12]
+    users = scorer.user_vectors([[names[i] for i in h.example[0]] for h in held])
+    expect = []
+    for h, user in zip(held, scorer.scores(users), strict=True):
+        target = h.example[1]
+        others = [j for j in among.tolist() if j != target and j not in h.exclude]
+        ahead = int((user[others] > user[target]).sum())
+        expect.append(float(target not in h.exclude and ahead < 3))
+    assert learner._held_hits(scorer, held, 3, among) == expect
+    assert 0 < sum(expect) < len(expect)
+
+
+def test_a_large_catalog_is_gated_on_a_sample_kept_for_a_while(tiny_encoder, monkeypatch) -> None:
+    """Above `gate_items` both weights rank among a sample; the published weights' hits are
+    kept while the sample is, and a new sample (every GATE_SAMPLE_VERDICTS) forgets them."""
+    import model.learner
+
+    monkeypatch.setattr(model.learner, "GATE_SAMPLE_VERDICTS", 2)
+    learner = make(tiny_encoder, gate_holdout=3, gate_items=10, gate_min_events=5)
+    learner.learn(stream(300))
+    learner.mark_published()
+    samples = []
+    for s in range(300, 1500, 300):
+        learner.learn(stream(300, s))
+        decision = learner.gate()
+        assert decision.events == len(learner.validation) and decision.publish
+        samples.append(learner._gate_rows.clone())
+        held = list(learner.validation)
+        assert decision.reference == \
+            pytest.approx(sum(learner._held_hits(learner._published_scorer, held, 10,
+                                                 samples[-1])) / len(held))
+        learner.mark_published()
+    assert [len(s) for s in samples] == [10] * 4
+    assert torch.equal(samples[0], samples[1]) and torch.equal(samples[2], samples[3])
+    assert not torch.equal(samples[1], samples[2])
+    exact = make(tiny_encoder, gate_holdout=3, gate_items=0, gate_min_events=5)
+    exact.learn(stream(300))
+    exact.mark_published()
+    exact.learn(stream(300, 300))
+    exact.gate()
+    assert exact._gate_rows is None, "gate_items=0 ranks the whole catalog"
 
 
 @pytest.mark.parametrize("policy", ["lora", "full"])
