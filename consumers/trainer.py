@@ -219,12 +219,12 @@ class Trainer:
     def train(self, batch: list[tuple[Source, Interaction]]) -> None:
         events = [e for _, e in batch]
         # Prequential scoring (online HR@10) ranks the whole catalog; on a large catalog that
-        # costs more than learning. So it samples batches such that at most a third of the
+        # costs more than learning. So it samples batches such that at most a fifth of the
         # time goes to it, and within a batch at most EVAL_SCORES / catalog events, so that
         # one evaluation never stalls the loop (on ML-100K-sized catalogs: every event of
         # every batch; at 100k items 40 events of a batch, at 1M 4).
         t0 = time.monotonic()
-        if t0 - self._last_eval >= 2 * self._eval_seconds:
+        if t0 - self._last_eval >= 4 * self._eval_seconds:
             most = max(1, EVAL_SCORES // max(1, len(self.learner.item_ids)))
             only = None if len(events) <= most else set(self._rng.sample(range(len(events)), most))
             hits, ndcgs = self.learner.evaluate(events, only=only)  # before learning them

@@ -324,10 +324,12 @@ class Scorer:
             target = scores[torch.arange(b, device=dev), torch.arange(b, device=dev)]
             target = target.unsqueeze(1)  # (B, 1) each row's own target
             scores = scores[:, b:]  # (B, S) the sample
-            scores[among.unsqueeze(0) == targets.unsqueeze(1)] = float("-inf")  # not itself
+            rows = torch.cat([torch.arange(b, device=dev), rows])  # not itself, not excluded
+            cols = torch.cat([targets, cols])
             at = torch.searchsorted(among, cols).clamp(max=max(len(among) - 1, 0))
             inside = among[at] == cols if len(among) else torch.zeros_like(cols, dtype=bool)
             scores[rows[inside], at[inside]] = float("-inf")
+            rows, cols = rows[b:], cols[b:]
             target[rows[cols == targets[rows]], 0] = float("-inf")  # an excluded target
         ahead = (scores > target).sum(dim=1)
         return ((ahead < k) & torch.isfinite(target.squeeze(1))).float().cpu()
