@@ -340,8 +340,10 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         tm = f"http://127.0.0.1:{tport}/metrics"
 
         def trained() -> float | None:  # None once the trainer has exited
-            try:
-                return _metrics(tm)["freshrec_trainer_events_total"]
+            try:  # trained or set aside for its gate: every interaction it took in
+                m = _metrics(tm)
+                return m["freshrec_trainer_events_total"] + \
+                    m["freshrec_trainer_held_out_events_total"]
             except (httpx.HTTPError, KeyError):
                 return None
 

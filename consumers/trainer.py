@@ -236,6 +236,7 @@ class Trainer:
             metrics.ONLINE_NDCG.set(sum(self.window_ndcg) / len(self.window_ndcg))
         stats = self.learner.learn(events)
         metrics.EVENTS.inc(stats.events)
+        metrics.HELD_OUT.inc(len(events) - stats.events)
         metrics.BATCH.observe(stats.events)
         metrics.STEP.observe(stats.seconds)
         metrics.LOSS.set(stats.loss)

@@ -3,6 +3,8 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter("freshrec_trainer_events", "Fresh interactions trained on.")
+HELD_OUT = Counter("freshrec_trainer_held_out_events",
+                   "Interactions set aside for the validation gate (learned later by replay).")
 BATCH = Histogram("freshrec_trainer_batch_size", "Fresh events per micro-batch.",
                   buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048))
 STEP = Histogram("freshrec_trainer_step_seconds", "Wall time of one learn() call.",
