@@ -32,6 +32,7 @@ from model import quant
 from model.scorer import Scorer
 
 log = logging.getLogger("freshrec.service")
+BUSY_BATCH = 8  # queries per scan when the server is busy (the batcher's mean at 200 req/s: 7.4)
 
 
 def available() -> bool:
@@ -120,20 +121,28 @@ class AnnIndex:
 
     def _speedup(self, scorer: Scorer, queries: torch.Tensor, k: int) -> float:
         """Median time of the exact scan as served (faiss's over fp32 columns, else torch's)
-        over that of this index at the tuned nprobe, one query at a time: >1 means faster."""
+        over that of this index at the tuned nprobe, >1 meaning faster: the smaller of the
+        ratios for one query at a time (a quiet server) and for batches of BUSY_BATCH (a busy
+        one: the request batcher hands the scan several queries, which the exact scan answers
+        in one pass over the matrix while the index searches each apart). Measured at 100k
+        random items: 2.3x for one query, slower than exact for batches of 8 (nprobe 800 of
+        1,264 lists), and served, it held 141 req/s where the exact scan had held 713."""
         if scorer.dtype == "fp32" and scorer.linear:
             exact: Any = ExactScan().candidates
         else:
             def exact(s: Scorer, users: torch.Tensor, want: int) -> Any:
                 return s.scores(users).topk(want)
 
-        times: dict[Any, list[float]] = {exact: [], self.candidates: []}
-        for row in range(len(queries)):  # interleaved: a busy neighbour slows both alike
-            for propose, out in times.items():
-                t0 = time.perf_counter()
-                propose(scorer, queries[row: row + 1], k)
-                out.append(time.perf_counter() - t0)
-        return float(np.median(times[exact]) / np.median(times[self.candidates]))
+        ratios = []
+        for size in (1, BUSY_BATCH):
+            times: dict[Any, list[float]] = {exact: [], self.candidates: []}
+            for start in range(0, len(queries) - size + 1, size):
+                for propose, out in times.items():  # interleaved: a busy neighbour slows both
+                    t0 = time.perf_counter()
+                    propose(scorer, queries[start: start + size], k)
+                    out.append(time.perf_counter() - t0)
+            ratios.append(np.median(times[exact]) / np.median(times[self.candidates]))
+        return float(min(ratios))
 
     @torch.no_grad()
     def update(self, scorer: Scorer, rows: torch.Tensor) -> None:
