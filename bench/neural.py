@@ -239,6 +239,9 @@ def neural_factories(base: ModelConfig | None = None) -> dict[str, Any]:
         "incremental-anchor-ema": make("incremental-anchor-ema", anchor="ema",
                                        anchor_strength=1e-2),
         "incremental-id-only": make("incremental-id-only", text=False, id_embedding=True),
+        # the item tower that was the default until issue 8: every version rebuilds the items
+        "incremental-mlp": make("incremental-mlp", item_tower="mlp", temperature=0.1,
+                                id_lr=1e-2),
         "retrain": lambda catalog, qcfg: Retrain(replace(base, seed=qcfg.seed),
                                                  passes=max(1, qcfg.warmup_passes)),
     }

@@ -211,6 +211,7 @@ NEURAL_METHODS = (
     "incremental-adaptive-lr",  # the adaptive lr on (off by default)
     "incremental-anchor-ema",  # the anchor toward a slow moving average (opt-in)
     "incremental-id-only",
+    "incremental-mlp",  # the mlp item tower (the default before the linear one)
     "retrain",
 )
 

