@@ -169,3 +169,39 @@ def test_applying_a_delta_costs_what_it_changed_not_the_catalog(
     # measured ~1.5 ms either way (Redis round trips, HMAC, safetensors parse); the 2 ms is a
     # busy 2-core machine's scheduling noise. A copy of the 200k table alone is ~60 ms.
     assert large < 3 * small + 0.002, f"2k: {small * 1e3:.2f} ms, 200k: {large * 1e3:.2f} ms"
+
+
+class CountingRedis(redis.Redis):
+    """A real Redis client that counts the manifests it reads (instrumentation only)."""
+
+    manifest_reads = 0
+
+    def execute_command(self, *args, **options):  # noqa: ANN002, ANN003, ANN201
+        if args and args[0] == "GET" and str(args[1]).endswith(":manifest"):
+            self.manifest_reads += 1
+        return super().execute_command(*args, **options)
+
+
+def test_retention_reads_a_long_chain_once_not_at_every_publish(redis_url: str,
+                                                                 namespace: str) -> None:
+    """On a large catalog full snapshots are rare (the trainer writes one only when the deltas
+    add up to its size), so the chain behind the kept versions grows to hundreds of deltas.
+    Retention must still cost O(1) manifest reads per publish, not O(chain x keep)."""
+    client = CountingRedis.from_url(redis_url)
+    store = WeightStore(client, KEY, namespace, keep=5)
+    net, gen = tower(), torch.Generator().manual_seed(0)
+    ids = [f"i{j}" for j in range(50)]
+    table = torch.randn(50, 64, generator=gen) * 0.3
+    prev = state(net, table)
+    parent = publish(store, prev, ids)
+    reads = []
+    for k in range(150):
+        table[k % 50] += 0.01
+        now = state(net, table)
+        client.manifest_reads = 0
+        parent = publish(store, now, ids, parent, (prev, ids))
+        reads.append(client.manifest_reads)
+        prev = now
+    assert len(store.versions()) == 151, "every version is on the newest one's chain"
+    assert statistics.mean(reads[-50:]) <= 4, reads[-10:]
+    assert store.load(parent.version).manifest.version == parent.version
