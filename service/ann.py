@@ -120,29 +120,15 @@ class AnnIndex:
         return recall
 
     def _speedup(self, scorer: Scorer, queries: torch.Tensor, k: int) -> float:
-        """Median time of the exact scan as served (faiss's over fp32 columns, else torch's)
-        over that of this index at the tuned nprobe, >1 meaning faster: the smaller of the
-        ratios for one query at a time (a quiet server) and for batches of BUSY_BATCH (a busy
-        one: the request batcher hands the scan several queries, which the exact scan answers
-        in one pass over the matrix while the index searches each apart). Measured at 100k
+        """Median time of the fastest exact scan (torch's, or faiss's over fp32 columns) over
+        that of this index at the tuned nprobe, >1 meaning faster: the smaller of the ratios
+        for one query at a time (a quiet server) and for batches of BUSY_BATCH (a busy one:
+        the request batcher hands the scan several queries, which the exact scan answers in
+        one pass over the matrix while the index searches each apart). Measured at 100k
         random items: 2.3x for one query, slower than exact for batches of 8 (nprobe 800 of
         1,264 lists), and served, it held 141 req/s where the exact scan had held 713."""
-        if scorer.dtype == "fp32" and scorer.linear:
-            exact: Any = ExactScan().candidates
-        else:
-            def exact(s: Scorer, users: torch.Tensor, want: int) -> Any:
-                return s.scores(users).topk(want)
-
-        ratios = []
-        for size in (1, BUSY_BATCH):
-            times: dict[Any, list[float]] = {exact: [], self.candidates: []}
-            for start in range(0, len(queries) - size + 1, size):
-                for propose, out in times.items():  # interleaved: a busy neighbour slows both
-                    t0 = time.perf_counter()
-                    propose(scorer, queries[start: start + size], k)
-                    out.append(time.perf_counter() - t0)
-            ratios.append(np.median(times[exact]) / np.median(times[self.candidates]))
-        return float(min(ratios))
+        exact = [_torch_scan] + ([ExactScan().candidates] if _faiss_can_scan(scorer) else [])
+        return _times(scorer, queries, k, exact, self.candidates)
 
     @torch.no_grad()
     def update(self, scorer: Scorer, rows: torch.Tensor) -> None:
@@ -251,3 +237,41 @@ def _rows(scorer: Scorer, start: int, stop: int) -> np.ndarray:
 def _take(scorer: Scorer, idx: torch.Tensor) -> np.ndarray:
     stored = _stored(scorer)[idx]
     return np.ascontiguousarray(quant.decode(stored, scorer.dtype, scorer.width).numpy())
+
+
+def _torch_scan(scorer: Scorer, users: torch.Tensor, want: int) -> Any:
+    """What `Scorer.rank_batch` does without a candidate source: torch's scan and top-k."""
+    return scorer.scores(users).topk(min(want, len(scorer)), dim=1)
+
+
+def _faiss_can_scan(scorer: Scorer) -> bool:
+    return scorer.dtype == "fp32" and scorer.linear
+
+
+def _times(scorer: Scorer, queries: torch.Tensor, k: int, slow: list[Any], fast: Any
+           ) -> float:
+    """min over batch sizes (1, BUSY_BATCH) of: median time of the fastest of `slow` over the
+    median time of `fast`, each proposing k candidates for `queries` (B, d), interleaved (a
+    busy neighbour slows all alike)."""
+    ratios = []
+    for size in (1, BUSY_BATCH):
+        times: dict[Any, list[float]] = {f: [] for f in [*slow, fast]}
+        for start in range(0, len(queries) - size + 1, size):
+            for propose, out in times.items():
+                t0 = time.perf_counter()
+                propose(scorer, queries[start: start + size], k)
+                out.append(time.perf_counter() - t0)
+        best = min(float(np.median(times[f])) for f in slow)
+        ratios.append(best / float(np.median(times[fast])))
+    return float(min(ratios))
+
+
+@torch.no_grad()
+def scan_speedup(scorer: Scorer, users: torch.Tensor, k: int = 10) -> float:
+    """How much faster faiss's exact scan (`ExactScan`) proposes candidates than torch's scan
+    over `scorer`, for `users` (B, d): the smaller ratio of one query at a time and batches of
+    BUSY_BATCH. Which is faster depends on the CPU: on the AMD machine of the first
+    measurements faiss was 2.2-5.5x faster, on an Intel Xeon later torch was 2x faster for
+    batches (faiss's BLAS path) and even for one query (bench/RESULTS.md)."""
+    return _times(scorer, users, k, [_torch_scan], ExactScan().candidates)
+

@@ -82,6 +82,7 @@ class ModelHolder:
         self._failed_builds: dict[int, tuple[str | None, int, float]] = {}
         self.redis_ok = True
         self._build_seconds = 0.0  # moving average of load + verify + build of one version
+        self._next_round_in = poll_interval_s  # shorter while a newer version waits its turn
         self._last_swap = 0.0
         self._catalog: dict[str, Item] = {}
         self._text: dict[str, np.ndarray] = {}
@@ -138,7 +139,8 @@ class ModelHolder:
             except Exception:  # noqa: BLE001 - the holder must outlive any single bad refresh
                 log.exception("refresh failed; serving the last good state")
             self._round_since = None
-            self._wake.wait(self.poll_interval_s)
+            pause, self._next_round_in = self._next_round_in, self.poll_interval_s
+            self._wake.wait(min(pause, self.poll_interval_s))
             self._wake.clear()
 
     def _listen(self) -> None:
@@ -171,9 +173,11 @@ class ModelHolder:
         failed = self._failed_builds.get(target) if target is not None else None
         if new and failed is not None and failed[0] == sig and time.monotonic() < failed[2]:
             new = False  # failed to build a moment ago: wait out its backoff
-        if new and cur.loaded is not None and \
-                time.monotonic() - self._last_swap < 2 * self._build_seconds:
-            new = False  # a build costs CPU that requests need: at most half of one core on it
+        wait = self._last_swap + 2 * self._build_seconds - time.monotonic()
+        if new and cur.loaded is not None and wait > 0:
+            # a build costs CPU that requests need: at most half of one core on it; the loop
+            # comes back when the pause ends, not a whole poll interval later
+            new, self._next_round_in = False, wait
         if new:
             assert target is not None
             if target == cur.version:
@@ -275,17 +279,27 @@ class ModelHolder:
 
     def _with_scan(self, scorer: Scorer) -> Scorer:
         """Exact candidates from faiss's scan for a linear tower's fp32 columns when faiss is
-        installed: the same top-k and scores as torch's scan, 2.2-5.5x faster here
-        (service.ann.ExactScan). Not for `mlp`: its matrix products round differently on a
-        subset of rows, so its served scores would no longer equal the learner's bit for bit;
-        nor below `scan_min_items`, where MKL takes other kernels for a handful of rows too."""
+        installed and measured faster than torch's on this CPU (once, at the first catalog
+        this large: `service.ann.scan_speedup`): the same top-k and scores as torch's scan.
+        Which wins depends on the CPU (2.2-5.5x faiss on one machine, 2x torch on another).
+        Not for `mlp`: its matrix products round differently on a subset of rows, so its
+        served scores would no longer equal the learner's bit for bit; nor below
+        `scan_min_items`, where MKL takes other kernels for a handful of rows too."""
         least = self.ann_settings.scan_min_items
         if not least or len(scorer) < least or scorer.dtype != "fp32" or not scorer.linear:
             return scorer
         if self._scan is None:
             from service import ann
 
-            self._scan = ann.ExactScan() if ann.available() else False
+            self._scan = False
+            if ann.available():
+                users = torch.randn(48, scorer.net.cfg.dim, generator=torch.Generator()
+                                    .manual_seed(0))
+                speedup = ann.scan_speedup(scorer, users)
+                log.info("exact scan over %s items: faiss %.2fx torch's speed; serving %s",
+                         len(scorer), speedup, "faiss's" if speedup > 1 else "torch's")
+                if speedup > 1:
+                    self._scan = ann.ExactScan()
         if self._scan:
             scorer.ann = self._scan
         return scorer
