@@ -81,7 +81,9 @@ class ModelHolder:
         # another reason than verification (a bug, memory): retried, but with a growing pause
         self._failed_builds: dict[int, tuple[str | None, int, float]] = {}
         self.redis_ok = True
-        self._build_seconds = 0.0  # moving average of load + verify + build of one version
+        # moving averages of load + verify + build of one version: built row by row from the
+        # served one (linear tower), or in full (mlp, startup, a broken lineage)
+        self._build_seconds = {"rows": 0.0, "full": 0.0}
         self._next_round_in = poll_interval_s  # shorter while a newer version waits its turn
         self._last_swap = 0.0
         self._catalog: dict[str, Item] = {}
@@ -173,7 +175,11 @@ class ModelHolder:
         failed = self._failed_builds.get(target) if target is not None else None
         if new and failed is not None and failed[0] == sig and time.monotonic() < failed[2]:
             new = False  # failed to build a moment ago: wait out its backoff
-        wait = self._last_swap + 2 * self._build_seconds - time.monotonic()
+        # the next build most likely costs what the last ones of its kind did: a full one (at
+        # startup, 9 s at 100k items) must not hold back the cheap row builds after it
+        expect = self._build_seconds["rows" if cur.scorer is not None and cur.scorer.linear
+                                     else "full"]
+        wait = self._last_swap + 2 * expect - time.monotonic()
         if new and cur.loaded is not None and wait > 0:
             # a build costs CPU that requests need: at most half of one core on it; the loop
             # comes back when the pause ends, not a whole poll interval later
@@ -189,7 +195,8 @@ class ModelHolder:
             t0 = time.monotonic()
             try:
                 loaded = self.weights.load(target, have=have)
-                scorer = self._with_ann(self._build(loaded, self._changed_rows(loaded, have)))
+                rows = self._changed_rows(loaded, have)
+                scorer = self._with_ann(self._build(loaded, rows))
             except (VerificationError, ValueError) as exc:  # WeightsError is a ValueError
                 reason = getattr(exc, "reason", None) or (
                     "bad_shape" if isinstance(exc, WeightsError) else "bad_manifest")
@@ -205,7 +212,9 @@ class ModelHolder:
                 return
             self.refused.pop(target, None)
             self._failed_builds.pop(target, None)
-            self._build_seconds = 0.7 * self._build_seconds + 0.3 * (time.monotonic() - t0)
+            kind = "full" if rows is None else "rows"
+            self._build_seconds[kind] = 0.7 * self._build_seconds[kind] + \
+                0.3 * (time.monotonic() - t0)
             self._last_swap = time.monotonic()
             self._swap(Snapshot(target, loaded, scorer, self._catalog_view()))
         elif catalog_changed and cur.loaded is not None:
