@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import MemberState, OffsetAndMetadata, TopicPartition
 
 from consumers import metrics
+from consumers.group import group_members
 from model.events import Interaction, Item
 from protocol.errors import InvalidRecord
 from protocol.settings import CommonSettings
@@ -34,11 +35,33 @@ DLQ_RETRY_S = 1.0  # pause before a poll whose DLQ writes failed is fetched agai
 # another STALL_S, the process exits (ConsumerStalled): its supervisor restarts it and the
 # restart rejoins the group, resuming from committed (trainer: published) offsets.
 STALL_S = 15.0
+# A subscribed consumer that holds no partition and is not a settled member of its group this
+# long after the broker first answered its JoinGroup is stuck outside the group. The embedded
+# Tansu 0.6.0 leaves a group so when its leader leaves cleanly while the group is forming (a
+# consumer stopped during its own first ~3 s join, one process at a time, as the chaos run's
+# SIGTERMs did; or a rolling restart's old member leaving after the new one joined): it drops
+# the member but keeps its id as the group's leader, so every other member's SyncGroup answers
+# "rebalance in progress", forever (`python -m bench.tansu_group`).
+# kafka-python's polls still return on time (measured: at most 0.14 s for timeout_ms=100
+# during 60 s stuck), with nothing, so the stall check above, which watches assigned
+# partitions, sees nothing. Measured 2026-11-30 on Tansu 0.6.0 / kafka-python 3.0.12: a fresh
+# consumer (a new member id) stays outside too, in the same process (4 tries in 60 s) or in a
+# new one (30 s); a fresh consumer that joins under the departed leader's member id (the
+# broker names it in every JoinGroup answer; DescribeGroups no longer lists it) is assigned
+# 3.0 s later. So the first remedy is that rejoin (as a new member when the named leader is
+# still in the group: a live member is never impersonated); if the consumer is still outside
+# another UNASSIGNED_S later, it raises ConsumerStalled (the trainer starts over in-process,
+# the features consumer exits to be restarted). A member of a settled group that got no
+# partition (more members than partitions) is not stuck, nor is one whose broker does not
+# answer (the clock waits for it). A healthy overlap of two live members took 11-14 s to
+# settle on Tansu here; Apache Kafka ends a rebalance within max_poll_interval_ms (10 s).
+UNASSIGNED_S = 30.0
 
 
 class ConsumerStalled(RuntimeError):
     """Polls return nothing while an assigned partition is behind its log end, even after the
-    transport reset its fetch state: the process should exit and be restarted."""
+    transport reset its fetch state, or the consumer stays outside its group even after
+    rejoining it: the process should exit and be restarted."""
 
 
 @dataclass
@@ -87,22 +110,16 @@ class Transport:
     def __init__(self, settings: CommonSettings, group: str, name: str, dlq: bool,
                  max_records: int = 2048, positions: Positions | None = None) -> None:
         self.s = settings
+        self.group = group
         self.name = name
         self.max_records = max_records
+        self.positions = positions
         ensure_topics(settings.kafka_bootstrap, [settings.topic_interactions, settings.topic_items,
                                                  settings.topic_dlq], settings.partitions)
-        # Short group timeouts: a consumer group's first join otherwise waits ~20 s on Tansu.
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap, group_id=group, client_id=name,
-            enable_auto_commit=False, auto_offset_reset="earliest",
-            max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=1_500,
-            fetch_max_wait_ms=50,
-        )
-        topics = [settings.topic_interactions, settings.topic_items]
-        if positions is None:
-            self.consumer.subscribe(topics)
-        else:
-            self.consumer.subscribe(topics, listener=_SeekOnAssignment(self.consumer, positions))
+        # Written by kafka-python's IO thread, read by the polling one (see _note_join).
+        self._join_answered_at: float | None = None  # first JoinGroup answer of this spell
+        self._group_leader: tuple[str, str] | None = None  # (leader, this member) last answered
+        self.consumer = self._consumer()
         self.dlq = dlq
         self.producer: KafkaProducer | None = self._dlq_producer() if dlq else None
         self.running = True
@@ -111,6 +128,44 @@ class Transport:
         self._progress_at = time.monotonic()  # last poll with records, or with nothing to fetch
         self._reset_at = float("-inf")  # last time a stall was met by resetting the fetch state
         self._assigned: frozenset[TopicPartition] = frozenset()
+        self.unassigned_s = UNASSIGNED_S
+        self._outside_at: float | None = None  # since when outside the group (no partition)
+        self._rejoined = False  # this spell outside was met by rejoining the group
+
+    def _consumer(self, member_id: str | None = None) -> KafkaConsumer:
+        """A subscribed consumer; `member_id`: join the group under this id (see UNASSIGNED_S)."""
+        # Short group timeouts: a consumer group's first join otherwise waits ~20 s on Tansu.
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.s.kafka_bootstrap, group_id=self.group, client_id=self.name,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=1_500,
+            fetch_max_wait_ms=50,
+        )
+        coordinator = consumer._coordinator  # noqa: SLF001 - see _note_join
+        process = coordinator._process_join_group_response  # noqa: SLF001
+
+        def noted(response: object, send_time: float) -> object:
+            out = process(response, send_time)  # raises on an error answer
+            self._note_join(response)
+            return out
+
+        coordinator._process_join_group_response = noted  # noqa: SLF001
+        if member_id is not None:
+            coordinator.reset_generation(member_id=member_id)  # the next JoinGroup carries it
+        topics = [self.s.topic_interactions, self.s.topic_items]
+        if self.positions is None:
+            consumer.subscribe(topics)
+        else:
+            consumer.subscribe(topics, listener=_SeekOnAssignment(consumer, self.positions))
+        return consumer
+
+    def _note_join(self, response: object) -> None:
+        """Called by kafka-python (its IO thread) for every JoinGroup answered without error;
+        kafka-python keeps neither the time nor the leader the broker named. Only plain
+        attributes are set here: the polling thread acts on them."""
+        if self._join_answered_at is None:
+            self._join_answered_at = time.monotonic()
+        self._group_leader = (response.leader, response.member_id)  # type: ignore[attr-defined]
 
     def _dlq_producer(self) -> KafkaProducer:
         # Delivery is bounded below DLQ_WAIT_S, so every DLQ write has an outcome to check.
@@ -130,6 +185,7 @@ class Transport:
         out = Polled()
         batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.max_records)
         self._watch_for_stall(any(batches.values()))
+        self._watch_for_assignment()
         for tp, records in batches.items():
             for rec in records:
                 src = Source(tp.topic, tp.partition, rec.offset, rec.timestamp)
@@ -212,6 +268,51 @@ class Transport:
             return
         raise ConsumerStalled(f"{self.name}: still no record {now - self._reset_at:.0f} s after "
                               f"resetting the fetch state ({where}); exiting to be restarted")
+
+    def _watch_for_assignment(self) -> None:
+        """Notice a consumer the group never lets in (see UNASSIGNED_S)."""
+        if self.consumer.assignment() or self.consumer.group_metadata().state == MemberState.STABLE:
+            self._outside_at, self._rejoined, self._join_answered_at = None, False, None
+            return
+        now = time.monotonic()
+        if self._outside_at is None:  # the clock starts at the broker's first JoinGroup answer
+            if self._join_answered_at is None:
+                return
+            self._outside_at = now
+        if now - self._outside_at < self.unassigned_s:
+            return
+        if not self._rejoined:
+            metrics.UNASSIGNED.labels(self.name, "rejoin").inc()
+            self._rejoin()
+            self._outside_at, self._rejoined = None, True
+            return
+        metrics.UNASSIGNED.labels(self.name, "exit").inc()
+        raise ConsumerStalled(f"{self.name}: still no partition {now - self._outside_at:.0f} s "
+                              f"after rejoining group {self.group}; exiting to be restarted")
+
+    def _rejoin(self) -> None:
+        """Close the consumer and join again with a fresh one: under the member id the broker
+        names as the group's leader when that member is gone from the group (Tansu's stale
+        leader, see UNASSIGNED_S), else under a new member id."""
+        leader, me = self._group_leader or ("", "")
+        adopt = None
+        if leader and leader != me:
+            members = group_members(self.s.kafka_bootstrap, self.group)
+            if members is not None and leader not in members:
+                adopt = leader
+        log.warning("no partition for %.0f s: the group %s does not settle (leader %s, this "
+                    "member %s); rejoining %s", self.unassigned_s, self.group, leader or "?",
+                    me or "?", f"as the departed leader {adopt}" if adopt else "as a new member")
+        try:
+            self.consumer.close(autocommit=False, timeout_ms=5_000)
+        except KafkaError as exc:
+            log.warning("closing the consumer: %s", exc)
+        self._join_answered_at, self._group_leader = None, None
+        try:
+            self.consumer = self._consumer(adopt)
+        except KafkaError as exc:  # the broker went away meanwhile: start over from scratch
+            raise ConsumerStalled(f"{self.name}: cannot rejoin group {self.group} ({exc})"
+                                  ) from exc
 
     def _behind(self) -> dict[TopicPartition, tuple[int, int]]:
         """Assigned partitions whose position is short of the log end: {tp: (position, end)}."""

@@ -15,6 +15,11 @@ STALLS = Counter("freshrec_consumer_stalls", "Stall checks that found an assigne
                  "behind its log end with no record for 15 s (each resets the "
                  "fetch state; a second one in a row ends the process, to be restarted).",
                  ["consumer"])
+UNASSIGNED = Counter("freshrec_consumer_unassigned", "Times a subscribed consumer stayed outside "
+                     "its group (no partition, not a settled member) for 30 s although the "
+                     "broker answered its joins: remedy=rejoin (a fresh consumer rejoined), "
+                     "remedy=exit (still outside 30 s later; the process starts over).",
+                     ["consumer", "remedy"])
 DLQ_FAILURES = Counter("freshrec_dlq_write_failures", "Polls whose DLQ writes failed (fetched "
                        "again, not committed).", ["consumer"])
 

@@ -44,6 +44,7 @@ COUNTERS = {
     "freshrec_dlq_messages_total",
     "freshrec_dlq_write_failures_total",
     "freshrec_consumer_stalls_total",
+    "freshrec_consumer_unassigned_total",
     "freshrec_trainer_events_total",
     "freshrec_trainer_held_out_events_total",
     "freshrec_trainer_versions_published_total",
