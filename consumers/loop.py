@@ -187,9 +187,9 @@ class Transport:
         self._watch_for_stall(any(batches.values()))
         self._watch_for_assignment()
         for tp, records in batches.items():
+            metrics.RECORDS.labels(self.name, tp.topic).inc(len(records))
             for rec in records:
                 src = Source(tp.topic, tp.partition, rec.offset, rec.timestamp)
-                metrics.RECORDS.labels(self.name, tp.topic).inc()
                 try:
                     if tp.topic == self.s.topic_items:
                         out.items.append((src, decode_item(rec.value)))
