@@ -185,7 +185,7 @@ def load(base: str, qps: float, seconds: float, results: list) -> None:  # noqa:
     asyncio.run(run())
 
 
-MAX_CONNECTIONS = 512
+MAX_CONNECTIONS = 2048
 
 
 LUA = """request = function()
