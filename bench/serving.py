@@ -149,6 +149,15 @@ def load(base: str, qps: float, seconds: float, results: list) -> None:  # noqa:
         idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         opened = [0]
 
+        async def ask(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], user: str
+                      ) -> tuple[int, bytes]:
+            reader, writer = conn
+            writer.write(f"GET /recommend?user_id={user}&k=10 HTTP/1.1\r\nHost: {host}"
+                         f"\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
+
         async def one(scheduled: float, user: str) -> None:
             await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
             status, version = 0, -1
@@ -156,19 +165,23 @@ def load(base: str, qps: float, seconds: float, results: list) -> None:  # noqa:
                 await asyncio.sleep(0.001)
             conn = idle.pop() if idle else None
             try:
+                if conn is not None:
+                    try:
+                        status, body = await ask(conn, user)
+                    except (OSError, asyncio.IncompleteReadError):
+                        # the server closed it while idle (uvicorn: after 5 s): as HTTP
+                        # clients do, send the request again on a new connection
+                        conn[1].close()
+                        opened[0] -= 1
+                        conn = None
                 if conn is None:
                     opened[0] += 1
                     conn = await asyncio.open_connection(host, int(port))
-                reader, writer = conn
-                writer.write(f"GET /recommend?user_id={user}&k=10 HTTP/1.1\r\nHost: {host}"
-                             f"\r\n\r\n".encode())
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-                status = int(head.split(b" ", 2)[1])
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                body = await reader.readexactly(length)
+                    status, body = await ask(conn, user)
                 idle.append(conn)
                 at = body.find(b'"model_version":')
-                version = int(body[at + 16: body.index(b",", at)]) if at >= 0 else -1
+                if at >= 0:
+                    version = int(body[at + 16:].split(b",")[0].split(b"}")[0])
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError,
                     IndexError):
                 status = 0  # a failed request is a result, not a crash
