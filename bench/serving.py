@@ -17,7 +17,8 @@ vectors so neither the trainer nor the API spends minutes encoding 100k syntheti
 latency of ranking does not depend on the values). Then, at the same time for `--seconds`:
 
 - a producer sends `--rate` interactions/s (Zipf-popular items, 10k users) to Kafka;
-- a load generator sends `--qps` GET /recommend/s open-loop (fixed schedule, 16 threads).
+- a load generator sends `--qps` GET /recommend/s open-loop (fixed schedule; asyncio over raw
+  keep-alive sockets, a new connection whenever all are busy; latency from the scheduled time).
 
 Per N, reported: freshness p50/p99 (the API's `freshrec_freshness_seconds` histogram: produce time ->
 serving a version trained on it), client-side /recommend latency p50/p99 over HTTP, failed
