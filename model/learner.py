@@ -565,19 +565,29 @@ class OnlineLearner:
 
     def _held_hits(self, scorer: Scorer, held: Sequence[HeldOut], k: int,
                    among: torch.Tensor | None = None) -> list[float]:
-        t = self.cfg.history_len
+        """Hits of `scorer` on `held`. Items added to the catalog after `scorer` was built
+        (the published weights are older than the candidate's catalog) are unknown to it: it
+        cannot recommend a target among them (a miss), and it reads histories without them,
+        as `Scorer.user_vectors` skips unknown ids."""
+        t, n = self.cfg.history_len, len(scorer)
         hist = torch.full((len(held), t), -1, dtype=torch.long)
-        rows, cols = [], []
+        rows, cols, unknown = [], [], []
         for r, h in enumerate(held):
-            past = h.example[0][-t:]
+            past = [j for j in h.example[0] if j < n][-t:]
             if past:
                 hist[r, t - len(past):] = torch.tensor(past)
-            rows.extend([r] * len(h.exclude))
-            cols.extend(h.exclude)
-        targets = torch.tensor([h.example[1] for h in held])
-        return scorer.hits(hist, (torch.tensor(rows, dtype=torch.long),
+            seen = [j for j in h.exclude if j < n]
+            rows.extend([r] * len(seen))
+            cols.extend(seen)
+            unknown.append(h.example[1] >= n)
+        targets = torch.tensor([0 if u else h.example[1] for h, u in zip(held, unknown,
+                                                                          strict=True)])
+        if among is not None:
+            among = among[among < n]
+        hits = scorer.hits(hist, (torch.tensor(rows, dtype=torch.long),
                                   torch.tensor(cols, dtype=torch.long)), targets, k,
                            among).tolist()
+        return [0.0 if u else hit for hit, u in zip(hits, unknown, strict=True)]
 
     def mark_published(self) -> None:
         """The current weights were published: they become the anchor, the rollback point and
