@@ -52,7 +52,7 @@ class GateDecision:
 
     publish: bool
     hr: float  # HR@10 of the candidate on the held-out validation events
-    reference: float  # HR@10 of the last published weights on the same events
+    reference: float  # HR@10 on the same events of the weights published when each was judged
     events: int  # validation events ranked (0: no verdict, too few or nothing published yet)
 
 
@@ -62,7 +62,9 @@ class HeldOut:
 
     example: Example  # (history rows, target row); learned through replay once it leaves
     exclude: tuple[int, ...]  # rows of everything the user had interacted with before it
-    reference_hit: float | None = None  # the published weights' hit (None: not ranked yet)
+    # the hit of the weights that were published when the gate first ranked it, kept while it
+    # is in the set (None: not ranked yet)
+    reference_hit: float | None = None
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -112,7 +114,6 @@ class OnlineLearner:
         self._published_scorer: Scorer | None = None
         self.validation: deque[HeldOut] = deque()  # the gate's set, oldest first
         self._stamp = 0  # changes whenever the weights do
-        self._verdict: tuple[int, list[tuple[HeldOut, float]]] | None = None  # of the last gate()
         self._scorer: Scorer | None = None
         # linear item tower: the newest Scorer built, and the catalog rows whose ID row or text
         # changed since (None: everything, e.g. after a rollback), so the next is built from it
@@ -512,11 +513,18 @@ class OnlineLearner:
 
     # ------------------------------------------------------------------ publishing
     def gate(self, k: int = 10) -> GateDecision:
-        """Validation gate: HR@k of the exact candidate weights (the current ones) vs the last
-        published weights on the held-out events, which neither has trained on, so drift hits
-        both alike. Refused when the candidate lost more than `gate_tolerance` of the published
-        HR and the paired difference is `gate_z` standard errors or more (a sign test on the
-        events where only one of the two hits). With fewer than `gate_min_events` held out, or nothing
+        """Validation gate: HR@k of the exact candidate weights (the current ones) on the
+        held-out events, which no version has trained on, against the weights that were
+        published when the gate first ranked each of them (its `reference_hit`, kept while the
+        event is in the set). So the reference is up to a set's span old (`gate_set` x
+        `gate_holdout` events), not the last publish: damage learned a little per publish adds
+        up against what was served before it, where against the last publish each slice of it
+        looked harmless (tests/test_gate_burst.py: 40 publishes of flipped labels each lost at
+        most 9% to the one before, and 40% in all). Drift hits the candidate and the reference
+        alike on events neither trained on; if anything the older reference knew less of it.
+        Refused when the candidate lost more than `gate_tolerance` of the reference HR and the
+        paired difference is `gate_z` standard errors or more (a sign test on the events where
+        only one of the two hits). With fewer than `gate_min_events` held out, or nothing
         published yet, there is no verdict: publish. A catalog above `gate_items` is sampled:
         both weights rank each target among the same `gate_items` random items
         (`_gate_sample`)."""
@@ -531,7 +539,6 @@ class OnlineLearner:
                               strict=True):
                 h.reference_hit = hit
         hits = self._held_hits(self.scorer(), held, k, among)
-        self._verdict = (self._stamp, list(zip(held, hits, strict=True)))
         refs = [h.reference_hit or 0.0 for h in held]
         hr, ref = float(np.mean(hits)), float(np.mean(refs))
         only_ref = sum(r > c for c, r in zip(hits, refs, strict=True))
@@ -544,7 +551,8 @@ class OnlineLearner:
         """The catalog rows the gate ranks among: None (all of them) up to `gate_items`, else
         a uniform sample of that many, kept for GATE_SAMPLE_VERDICTS verdicts so that the
         published weights' hits (computed once per held-out event) stay comparable; a new
-        sample forgets them. Items added since the draw join at the next one."""
+        sample forgets them (the reference is then the last published weights again). Items
+        added since the draw join at the next one."""
         n, want = len(self.item_ids), self.cfg.gate_items
         if not want or n <= want:
             if self._gate_rows is not None:
@@ -561,7 +569,6 @@ class OnlineLearner:
     def _forget_reference_hits(self) -> None:
         for h in self.validation:
             h.reference_hit = None
-        self._verdict = None
 
     def _held_hits(self, scorer: Scorer, held: Sequence[HeldOut], k: int,
                    among: torch.Tensor | None = None) -> list[float]:
@@ -591,8 +598,8 @@ class OnlineLearner:
 
     def mark_published(self) -> None:
         """The current weights were published: they become the anchor, the rollback point and
-        the gate's reference (whose hits on the held-out events the last verdict computed).
-        Costs the ID rows written since the last publish, not the catalog."""
+        the gate's reference for the held-out events it has not ranked yet (the ones it has
+        keep theirs). Costs the ID rows written since the last publish, not the catalog."""
         if self.cfg.anchor != "ema":  # the ema anchor moves on its own clock
             self.anchor = [p.detach().clone() for p in self._dense]
         now = self.state_tensors()
@@ -614,12 +621,11 @@ class OnlineLearner:
         self._published_rows = now[ID_TABLE].shape[0]
         self._dirty = []
         self._published_scorer = self.scorer()
-        judged = dict.fromkeys(map(id, self.validation))
-        if self._verdict is not None and self._verdict[0] == self._stamp:
-            judged.update((id(h), hit) for h, hit in self._verdict[1])
-        for h in self.validation:
-            h.reference_hit = judged[id(h)]
-        self._verdict = None
+
+    def published_scorer(self) -> Scorer:
+        """A ranking view of the last published weights: what a server ranks with."""
+        assert self._published_scorer is not None, "nothing published yet"
+        return self._published_scorer
 
     def published_state(self) -> dict[str, torch.Tensor]:
         """The last published weights (the rollback point), as `state_tensors` had them."""
@@ -665,7 +671,6 @@ class OnlineLearner:
         """Return to the last published weights (after the gate refused the candidate)."""
         if self._published is not None:
             self.load_tensors(self.published_state(), self.item_ids[: self._published_rows])
-        self._verdict = None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything a server needs besides the base encoder: adapters, user tower, ID table."""
