@@ -64,6 +64,7 @@ from bench.quality import (
 )
 from freshrec.data import Dataset, Interaction, load_movielens, ml100k_dir
 from model.config import ModelConfig
+from model.learner import GateDecision
 
 __all__ = ["Burst", "GateBenchConfig", "GateProbe", "main", "poisoned", "run_gate_bench"]
 
@@ -115,7 +116,6 @@ class GateProbe(NeuralRecommender):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg, "gate")
-        self.obey = True
         self.position: dict[int, int] = {}  # id(stream event) -> stream position
         self.poison: dict[int, Interaction] = {}  # id(stream event) -> what the learner gets
         self.burst: Burst | None = None
@@ -145,18 +145,8 @@ class GateProbe(NeuralRecommender):
         self._now = now
         super().tick(now)
 
-    def _publish(self) -> None:
-        """The trainer's gated publish, logged; ungated: published whatever the verdict."""
-        t0 = time.perf_counter()
-        decision = self.learner.gate()
-        if decision.publish or not self.obey:
-            self.learner.mark_published()
-            self.publishes += 1
-        else:
-            self.learner.rollback()
-            self.refusals += 1
-        self.unpublished = 0
-        self.gate_s += time.perf_counter() - t0
+    def _verdict(self, decision: GateDecision) -> None:
+        """Log the verdict of a publish in the stream."""
         if not self.streaming:
             return
         assert self.rate is not None, "start_stream sets the rate"

@@ -29,6 +29,17 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a busy 2-core machine a second thread waits on a taken core
+    (a learner smoke test took 60 s instead of 2 s). Files opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(make_tiny_encoder(tmp_path_factory.mktemp("tiny-bert")))

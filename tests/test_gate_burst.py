@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,12 +32,7 @@ BATCH = 50  # events per micro-batch, one publish (or refusal) after each
 WARM, BURST = 6000, 2000  # events: the warm-up (the model converges), then the flipped burst
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def ring(n: int, offset: int = 0) -> list[Interaction]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,14 +24,7 @@ from model.serialization import (
 ITEMS = [Item(str(i), f"item {i} {'red' if i % 2 else 'blue'} thing") for i in range(30)]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core machine the second thread waits on a taken core,
-    which made the smoke test below take 60 s instead of 2 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def stream(n: int, offset: int = 0) -> list[Interaction]:

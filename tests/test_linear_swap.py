@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,12 +19,7 @@ from model.towers import TwoTower
 H = 48  # text feature width of the synthetic catalog
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tower(seed: int = 0, **kw: object) -> TwoTower:
