@@ -72,6 +72,7 @@ class ModelHolder:
         self._ann_follows: weakref.ref | None = None  # the Scorer the index was last written to
         self._scan: Any = None  # service.ann.ExactScan once made; False: faiss is missing
         self._ann_refused = 0  # catalog size at which the index was measured slower than exact
+        self._ann_job: _AnnBuild | None = None  # an index being built in the background
         self.features = features
         self.encoder = encoder
         self.poll_interval_s = poll_interval_s
@@ -226,6 +227,8 @@ class ModelHolder:
                                     self._catalog_view())
         elif catalog_changed:
             self.current = Snapshot(0, None, None, self._catalog_view())
+        else:
+            self._adopt_ann()
 
     def _catalog_view(self) -> dict[str, Item]:
         """The catalog for a snapshot: copied only when it changed since the last one."""
@@ -245,8 +248,11 @@ class ModelHolder:
 
     def _with_ann(self, scorer: Scorer) -> Scorer:
         """Attach the ANN index to a linear Scorer over a large enough catalog: its changed
-        rows written in place when it was built from the Scorer the index follows, else the
-        index built (and tuned) from it in full. Exact serving when faiss is missing."""
+        rows written in place when it was built from the Scorer the index follows. An index
+        for a new lineage (startup, a full rebuild) is built and tuned on a thread of its own
+        (minutes at 1M items) while exact top-k serves and new versions keep being swapped in;
+        the rows they changed meanwhile are written into it before it is attached. Exact
+        serving when faiss is missing."""
         want = self.ann_settings
         if not want.min_items or not scorer.linear or len(scorer) < want.min_items:
             return self._with_scan(scorer)
@@ -258,35 +264,46 @@ class ModelHolder:
                             "(pip install freshrec[ann]); serving exact top-k")
                 self.ann = False
             return scorer
+        self._adopt_ann()
         if self._ann_refused and len(scorer) < 2 * self._ann_refused:
             return self._with_scan(scorer)  # measured slower than exact at this size
         if self.ann and scorer.changed is not None and self._ann_follows is not None \
                 and self._ann_follows() is self.current.scorer:
             self.ann.update(scorer, scorer.changed)
+            self._ann_follows = weakref.ref(scorer)
+            scorer.ann = self.ann
+            return scorer
+        job = self._ann_job
+        if job is None:
+            self.ann, self._ann_follows = None, None
+            self._ann_job = _AnnBuild(scorer, want)
+        elif job.valid and scorer.changed is not None and job.last() is self.current.scorer:
+            job.backlog.append(scorer.changed)  # written into the index once it is built
+            job.last = weakref.ref(scorer)
         else:
-            t0 = time.monotonic()
-            index = ann.AnnIndex(nprobe=want.nprobe, target_recall=want.recall)
-            index.build(scorer)
-            if not want.nprobe:
-                rng = np.random.default_rng(0)
-                picks = rng.integers(0, len(scorer), size=(200, 3)).tolist()
-                users = scorer.user_vectors([[scorer.names.name(j) for j in p] for p in picks])
-                index.tune(scorer, users)
-            log.info("ANN index over %s items built in %.1f s (nlist %s, nprobe %s, recall@10 "
-                     "%.3f on sampled histories, %.1fx the exact scan's speed)", len(scorer),
-                     time.monotonic() - t0, index.nlist, index.nprobe,
-                     index.recall or float("nan"), index.speedup or float("nan"))
-            if index.speedup is not None and index.speedup < want.min_speedup:
-                # the catalog's vectors do not cluster enough for this recall (i.i.d. random
-                # text, say): serve exact, and try again once the catalog has doubled
-                log.warning("the ANN index is not faster than the exact scan at recall %.3f; "
-                            "serving exact top-k", index.recall or float("nan"))
-                self.ann, self._ann_refused = None, len(scorer)
-                return self._with_scan(scorer)
-            self.ann = index
-        self._ann_follows = weakref.ref(scorer)
-        scorer.ann = self.ann
-        return scorer
+            job.valid = False  # another lineage: discarded when done, then built again
+        return self._with_scan(scorer)
+
+    def _adopt_ann(self) -> None:
+        """Attach an index built in the background to the served Scorer, once the rows changed
+        since the Scorer it was built from are written into it (a few thousand rows: well
+        under a second)."""
+        job = self._ann_job
+        if job is None or job.thread.is_alive():
+            return
+        self._ann_job = None
+        cur = self.current.scorer
+        if job.refused_at:
+            self._ann_refused = job.refused_at
+            return
+        if job.index is None or not job.valid or cur is None or job.last() is not cur:
+            return  # failed (logged), or a full rebuild came between: the next build starts one
+        rows = torch.cat(job.backlog).unique() if job.backlog else torch.zeros(0, dtype=torch.long)
+        job.index.update(cur, rows)
+        self.ann, self._ann_follows = job.index, weakref.ref(cur)
+        cur.ann = job.index  # requests that read the Scorer from now on use the index
+        log.info("ANN index attached to version %s (%s rows written since its build)",
+                 self.current.version, len(rows))
 
     def _with_scan(self, scorer: Scorer) -> Scorer:
         """Exact candidates from faiss's scan for a linear tower's fp32 columns when faiss is
@@ -465,3 +482,49 @@ def _table_diff(loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | No
         return None
     changed = (new[:n] != old).any(dim=1).nonzero().flatten()  # (k,)
     return torch.cat([changed, torch.arange(n, new.shape[0])])
+
+
+class _AnnBuild:
+    """An ANN index being built and tuned from `scorer` on a thread of its own, and the rows
+    changed by the versions served meanwhile (`backlog`), which must be written into it before
+    it serves. `valid` turns False when a version is not built from the one before it."""
+
+    def __init__(self, scorer: Scorer, want: AnnSettings) -> None:
+        self.index: Any = None
+        self.refused_at = 0  # the catalog size at which the index was slower than exact
+        self.valid = True
+        self.backlog: list[torch.Tensor] = []
+        self.last = weakref.ref(scorer)  # the newest Scorer whose changed rows are in backlog
+        self.thread = threading.Thread(target=self._build, args=(scorer, want),
+                                       name="ann-build", daemon=True)
+        self.thread.start()
+
+    def _build(self, scorer: Scorer, want: AnnSettings) -> None:
+        from service import ann
+
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(1)  # k-means on one core: the other serves requests
+            t0 = time.monotonic()
+            index = ann.AnnIndex(nprobe=want.nprobe, target_recall=want.recall)
+            index.build(scorer)
+            if not want.nprobe:
+                rng = np.random.default_rng(0)
+                picks = rng.integers(0, len(scorer), size=(200, 3)).tolist()
+                users = scorer.user_vectors([[scorer.names.name(j) for j in p] for p in picks])
+                index.tune(scorer, users)
+            log.info("ANN index over %s items built in %.1f s (nlist %s, nprobe %s, recall@10 "
+                     "%.3f on sampled histories, %.1fx the exact scan's speed)", len(scorer),
+                     time.monotonic() - t0, index.nlist, index.nprobe,
+                     index.recall or float("nan"), index.speedup or float("nan"))
+            if index.speedup is not None and index.speedup < want.min_speedup:
+                # the catalog's vectors do not cluster enough for this recall (i.i.d. random
+                # text, say): serve exact, and try again once the catalog has doubled
+                log.warning("the ANN index is not faster than the exact scan at recall %.3f; "
+                            "serving exact top-k", index.recall or float("nan"))
+                self.refused_at = len(scorer)
+            else:
+                self.index = index
+        except Exception:  # noqa: BLE001 - exact serving goes on; the next build tries again
+            log.exception("building the ANN index failed; serving exact top-k")

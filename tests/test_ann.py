@@ -151,9 +151,14 @@ def test_the_server_uses_the_index_only_when_it_measured_it_faster_than_the_exac
     holder.ann_settings = AnnSettings(min_items=1000, scan_min_items=1000,
                                       min_speedup=min_speedup)
     holder.ann, holder._ann_follows, holder._scan, holder._ann_refused = None, None, None, 0
+    holder._ann_job = None
     holder.item_dtype = "fp32"
     holder.current = Snapshot(0, None, None, {})
     served = holder._with_ann(scorer)
+    assert not isinstance(served.ann, AnnIndex)  # built in the background: exact meanwhile
+    holder.current = Snapshot(1, None, served, {})  # swapped in
+    holder._ann_job.thread.join()
+    holder._adopt_ann()
     if min_speedup:  # "never fast enough": exact, by the faster scan, and not rebuilt next time
         assert holder._ann_refused == N
         # faiss's scan or torch's (None), whichever this CPU measured faster
@@ -163,3 +168,48 @@ def test_the_server_uses_the_index_only_when_it_measured_it_faster_than_the_exac
         assert holder._with_ann(exact_of(scorer)).ann is (holder._scan or None)
     else:
         assert isinstance(served.ann, AnnIndex) and served.ann.speedup is not None
+
+
+def test_versions_swapped_while_the_index_builds_are_in_it_when_it_serves() -> None:
+    """The index is built from one version on a thread of its own (minutes at 1M items); the
+    ID rows and appended items of the versions served meanwhile are written into it before it
+    is attached, so it proposes from the served version's vectors, not the one it started
+    from."""
+    from service.ann import _rows
+    from service.holder import AnnSettings, ModelHolder, Snapshot
+
+    ids, text, table = catalog()
+    net = tower()
+    first = Scorer(net, text, ids, ids=table)
+    holder = object.__new__(ModelHolder)
+    holder.ann_settings = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0)
+    holder.ann, holder._ann_follows, holder._scan, holder._ann_refused = None, None, None, 0
+    holder._ann_job = None
+    holder.item_dtype = "fp32"
+    holder.current = Snapshot(0, None, None, {})
+    served = holder._with_ann(first)
+    job = holder._ann_job
+    holder.current = Snapshot(1, None, served, {})
+    gen = torch.Generator().manual_seed(5)
+    names = ItemNames(list(ids), {item: i for i, item in enumerate(ids)}, N)
+    for version in range(2, 5):  # each changes a few rows and appends an item
+        rows = torch.cat([torch.randint(N, (7,), generator=gen),
+                          torch.tensor([len(names)])]).unique()
+        names.prefix.append(f"new{version}")
+        names.index[f"new{version}"] = len(names.prefix) - 1
+        names = ItemNames(names.prefix, names.index, len(names.prefix))
+        new_text = torch.randn(len(rows), H, generator=gen)
+        nxt = served.updated(net, names, rows, torch.randn(len(rows), 64, generator=gen),
+                             fixed_projection(net, new_text))
+        served = holder._with_ann(nxt)
+        holder.current = Snapshot(version, None, served, {})
+    still_building = job.thread.is_alive()
+    job.thread.join()
+    holder._adopt_ann()
+
+    assert isinstance(served.ann, AnnIndex), "attached once built"
+    index = served.ann
+    assert index.size == len(served) == N + 3
+    stored = index.index.reconstruct_n(0, index.size)
+    assert torch.allclose(torch.from_numpy(stored), torch.from_numpy(_rows(served, 0, len(served))))
+    print("rows written after the build (the backlog path):", still_building)
