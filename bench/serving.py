@@ -57,7 +57,8 @@ def _metrics(url: str) -> dict[str, float]:
     import httpx
 
     out: dict[str, float] = {}
-    for line in httpx.get(url, timeout=5).text.splitlines():
+    # generous: at 1M items the API may still be working off the open-loop phase's backlog
+    for line in httpx.get(url, timeout=120).text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
@@ -376,7 +377,7 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
            "FRESHREC_HMAC_KEY": uuid.uuid4().hex, "FRESHREC_TRAINER_METRICS_PORT": str(tport),
            "FRESHREC_FEATURES_METRICS_PORT": "0", "FRESHREC_DEVICE": "cpu",
            "FRESHREC_ITEM_TOWER": args.item_tower, "FRESHREC_ITEM_DTYPE": args.dtype,
-           "FRESHREC_ANN_MIN_ITEMS": str(args.ann_min_items),
+           "FRESHREC_ANN_MIN_ITEMS": str(args.ann_min_items), "FRESHREC_LOG_LEVEL": "INFO",
            # two cores: one for the trainer's torch, one for the API (it uses one thread)
            "FRESHREC_TORCH_THREADS": os.environ.get("FRESHREC_TORCH_THREADS", "1")}
     procs = [start_tansu(kport, logs / "tansu.log")]
@@ -419,11 +420,11 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         print(f"stack ready in {ready_s:.0f} s; measuring {args.seconds:.0f} s", flush=True)
         time.sleep(min(10.0, args.seconds / 3))  # past the first builds
         before = _metrics(f"{base}/metrics")
-        swaps0 = httpx.get(f"{base}/model").json()["swaps"]
+        swaps0 = httpx.get(f"{base}/model", timeout=120).json()["swaps"]
         results: list = []
         load(base, args.qps, args.seconds, results)
         after = _metrics(f"{base}/metrics")
-        swaps = httpx.get(f"{base}/model").json()["swaps"] - swaps0
+        swaps = httpx.get(f"{base}/model", timeout=120).json()["swaps"] - swaps0
         rss = rss_mb(api.pid)
         warm.stop.set()
         warm.join()
@@ -451,7 +452,7 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
             if e is None or trained() == e:
                 break
         closed = closed_loop(base, args.closed_seconds, args.connections, logs)
-        served = httpx.get(f"{base}/status", timeout=10).json().get("retrieval") or {}
+        served = httpx.get(f"{base}/status", timeout=120).json().get("retrieval") or {}
         # intake: `--burst` events produced as fast as possible, timed through the trainer's
         # own counter; also once the producer is done (the rest of the backlog): on two cores
         # the benchmark's own producer takes a large share of the CPU while it runs

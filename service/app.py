@@ -204,6 +204,11 @@ async def _reply(send: Send, status: int, detail: str) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServiceSettings = app.state.settings
     torch.set_num_threads(settings.torch_threads)
+    if not log.handlers:  # uvicorn configures its own loggers only
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(settings.log_level.upper())
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     features = FeatureStore(client, settings.namespace)
     weights = WeightStore(client, settings.require_hmac_key(), settings.namespace)

@@ -23,6 +23,7 @@ class ServiceSettings(CommonSettings):
     recent_events_s: float = 2.0
     loader_stuck_s: float = 120.0  # /healthz fails once one model refresh runs this long
     torch_threads: int = 1  # per-request matmuls are small; one thread keeps latency flat
+    log_level: str = "WARNING"  # freshrec.service's own log (INFO: every swap, the ANN index)
     # how the served item matrix is stored: fp32, fp16, or int8 with a scale per row
     # (model/quant.py; memory, latency and recall of each in bench/RESULTS.md)
     item_dtype: Literal["fp32", "fp16", "int8"] = "fp32"
