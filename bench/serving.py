@@ -406,10 +406,12 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         warm = Producer(env["FRESHREC_KAFKA_BOOTSTRAP"], "freshrec.interactions", n,
                         args.rate, 10**9)
         warm.start()
-        while True:  # until a version over the whole catalog is served
-            try:
+        while True:  # until a version over the whole catalog is served, and any ANN index
+            try:  # being built in the background for it is attached (or refused)
                 m = httpx.get(f"{base}/model", timeout=2).json()
-                if m["version"] > 0 and m["catalog_items"] >= n:
+                building = (httpx.get(f"{base}/status", timeout=2).json().get("retrieval")
+                            or {}).get("ann_building")
+                if m["version"] > 0 and m["catalog_items"] >= n and not building:
                     break
             except httpx.HTTPError:
                 pass

@@ -344,6 +344,7 @@ class ModelHolder:
         else:
             kind, scan = "ann", "faiss-ivf"
         return {"retrieval": kind, "scan": scan, "dtype": self.item_dtype,
+                "ann_building": self._ann_job is not None,
                 "recall@10": 1.0 if kind == "exact" else getattr(found, "recall", None),
                 "nprobe": getattr(found, "nprobe", None),
                 "speedup": getattr(found, "speedup", None)}
