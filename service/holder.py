@@ -47,6 +47,11 @@ class AnnSettings:
     # (ann.ExactScan); 0 = never. Below it torch's scan takes well under a millisecond.
     scan_min_items: int = 10_000
     min_speedup: float = 1.5  # a tuned index slower than this x the exact scan is not used
+    # rebuilt and retuned from the served version this often (and a refused one tried again):
+    # the first index is built on the first version served, at a fresh start an untrained
+    # model whose vectors cluster unlike a trained one's (bench/ann_head_tail.py, 100k items:
+    # nprobe 512 for recall 0.9 after 1,000 events, nprobe 1 for 1.0 after 200,000)
+    rebuild_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ class ModelHolder:
         self._ann_follows: weakref.ref | None = None  # the Scorer the index was last written to
         self._scan: Any = None  # service.ann.ExactScan once made; False: faiss is missing
         self._ann_refused = 0  # catalog size at which the index was measured slower than exact
+        self._ann_retry_at = 0.0  # monotonic time from which a refused index is tried again
+        self._ann_started = 0.0  # monotonic time the newest index build started
         self._ann_job: _AnnBuild | None = None  # an index being built in the background
         self.features = features
         self.encoder = encoder
@@ -265,24 +272,27 @@ class ModelHolder:
                 self.ann = False
             return scorer
         self._adopt_ann()
-        if self._ann_refused and len(scorer) < 2 * self._ann_refused:
-            return self._with_scan(scorer)  # measured slower than exact at this size
-        if self.ann and scorer.changed is not None and self._ann_follows is not None \
-                and self._ann_follows() is self.current.scorer:
+        now = time.monotonic()
+        if self._ann_refused and len(scorer) < 2 * self._ann_refused and now < self._ann_retry_at:
+            return self._with_scan(scorer)  # measured slower than exact lately, at this size
+        follows = bool(self.ann) and scorer.changed is not None and \
+            self._ann_follows is not None and self._ann_follows() is self.current.scorer
+        if follows:
             self.ann.update(scorer, scorer.changed)
             self._ann_follows = weakref.ref(scorer)
             scorer.ann = self.ann
-            return scorer
         job = self._ann_job
         if job is None:
-            self.ann, self._ann_follows = None, None
-            self._ann_job = _AnnBuild(scorer, want)
+            if not follows:  # no index for this lineage: exact until one is built
+                self.ann, self._ann_follows = None, None
+            if not follows or now - self._ann_started >= want.rebuild_s:
+                self._ann_job, self._ann_started = _AnnBuild(scorer, want), now
         elif job.valid and scorer.changed is not None and job.last() is self.current.scorer:
             job.backlog.append(scorer.changed)  # written into the index once it is built
             job.last = weakref.ref(scorer)
         else:
             job.valid = False  # another lineage: discarded when done, then built again
-        return self._with_scan(scorer)
+        return scorer if follows else self._with_scan(scorer)
 
     def _adopt_ann(self) -> None:
         """Attach an index built in the background to the served Scorer, once the rows changed
@@ -293,14 +303,19 @@ class ModelHolder:
             return
         self._ann_job = None
         cur = self.current.scorer
-        if job.refused_at:
+        if job.refused_at:  # exact from now on; tried again in rebuild_s or at twice the size
             self._ann_refused = job.refused_at
+            self._ann_retry_at = time.monotonic() + job.rebuild_s
+            if self.ann and cur is not None and cur.ann is self.ann:
+                cur.ann = None
+                self._with_scan(cur)
+            self.ann, self._ann_follows = None, None
             return
         if job.index is None or not job.valid or cur is None or job.last() is not cur:
             return  # failed (logged), or a full rebuild came between: the next build starts one
         rows = torch.cat(job.backlog).unique() if job.backlog else torch.zeros(0, dtype=torch.long)
         job.index.update(cur, rows)
-        self.ann, self._ann_follows = job.index, weakref.ref(cur)
+        self.ann, self._ann_follows, self._ann_refused = job.index, weakref.ref(cur), 0
         cur.ann = job.index  # requests that read the Scorer from now on use the index
         log.info("ANN index attached to version %s (%s rows written since its build)",
                  self.current.version, len(rows))
@@ -494,6 +509,7 @@ class _AnnBuild:
         self.index: Any = None
         self.refused_at = 0  # the catalog size at which the index was slower than exact
         self.valid = True
+        self.rebuild_s = want.rebuild_s
         self.backlog: list[torch.Tensor] = []
         self.last = weakref.ref(scorer)  # the newest Scorer whose changed rows are in backlog
         self.thread = threading.Thread(target=self._build, args=(scorer, want),
