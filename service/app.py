@@ -215,7 +215,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     holder = ModelHolder(weights, features, TextEncoder(settings.encoder_path),
                          settings.poll_interval_s, item_dtype=settings.item_dtype,
                          ann=AnnSettings(settings.ann_min_items, settings.ann_nprobe,
-                                         settings.ann_recall, settings.scan_min_items))
+                                         settings.ann_recall, settings.scan_min_items,
+                                         rebuild_s=settings.ann_rebuild_s))
     app.state.features = features
     app.state.holder = holder
     app.state.user_cache = UserCache(settings.user_cache_size)

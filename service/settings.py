@@ -35,6 +35,7 @@ class ServiceSettings(CommonSettings):
     ann_min_items: int = 50_000
     ann_nprobe: int = 0  # IVF lists searched; 0 = tuned at build time to ann_recall
     ann_recall: float = 0.97  # recall@10 the tuning aims for, on sampled histories
+    ann_rebuild_s: float = 300.0  # the index is rebuilt and retuned from the served version
     # from this catalog size, exact top-k of a linear tower's fp32 matrix by faiss's scan,
     # rescored by the model's own columns (same items and scores as torch's scan, 2.2-5.5x
     # faster on this CPU: service/ann.py ExactScan; needs faiss); 0 = torch's scan always
