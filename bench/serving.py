@@ -378,6 +378,7 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
            "FRESHREC_FEATURES_METRICS_PORT": "0", "FRESHREC_DEVICE": "cpu",
            "FRESHREC_ITEM_TOWER": args.item_tower, "FRESHREC_ITEM_DTYPE": args.dtype,
            "FRESHREC_ANN_MIN_ITEMS": str(args.ann_min_items), "FRESHREC_LOG_LEVEL": "INFO",
+           "FRESHREC_ANN_REBUILD_S": str(args.ann_rebuild_s),
            # two cores: one for the trainer's torch, one for the API (it uses one thread)
            "FRESHREC_TORCH_THREADS": os.environ.get("FRESHREC_TORCH_THREADS", "1")}
     procs = [start_tansu(kport, logs / "tansu.log")]
@@ -406,12 +407,16 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         warm = Producer(env["FRESHREC_KAFKA_BOOTSTRAP"], "freshrec.interactions", n,
                         args.rate, 10**9)
         warm.start()
-        while True:  # until a version over the whole catalog is served, and any ANN index
-            try:  # being built in the background for it is attached (or refused)
+        # until a version over the whole catalog is served and, above --ann-min-items, the ANN
+        # index has been built twice (the first one on the first, barely trained version; the
+        # next one --ann-rebuild-s later) and is attached or refused
+        builds = 2 if args.ann_min_items and n >= args.ann_min_items else 0
+        while True:
+            try:
                 m = httpx.get(f"{base}/model", timeout=2).json()
-                building = (httpx.get(f"{base}/status", timeout=2).json().get("retrieval")
-                            or {}).get("ann_building")
-                if m["version"] > 0 and m["catalog_items"] >= n and not building:
+                ann = httpx.get(f"{base}/status", timeout=2).json().get("retrieval") or {}
+                if m["version"] > 0 and m["catalog_items"] >= n and not ann.get("ann_building") \
+                        and ann.get("ann_builds", 0) >= builds:
                     break
             except httpx.HTTPError:
                 pass
@@ -535,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", default="titles", choices=["titles", "random"],
                     help="synthetic items' text features: blends of real titles' (default) or "
                          "i.i.d. random unit vectors")
+    ap.add_argument("--ann-rebuild-s", type=float, default=60.0,
+                    help="the API's FRESHREC_ANN_REBUILD_S; the run measures after the second build")
     ap.add_argument("--ready-s", type=float, default=1200)
     ap.add_argument("--drain-s", type=float, default=60,
                     help="at most this long waiting for the trainer's backlog before max rps")

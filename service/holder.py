@@ -79,6 +79,7 @@ class ModelHolder:
         self._ann_refused = 0  # catalog size at which the index was measured slower than exact
         self._ann_retry_at = 0.0  # monotonic time from which a refused index is tried again
         self._ann_started = 0.0  # monotonic time the newest index build started
+        self.ann_builds = 0  # index builds finished (attached or refused)
         self._ann_job: _AnnBuild | None = None  # an index being built in the background
         self.features = features
         self.encoder = encoder
@@ -302,6 +303,7 @@ class ModelHolder:
         if job is None or job.thread.is_alive():
             return
         self._ann_job = None
+        self.ann_builds += 1
         cur = self.current.scorer
         if job.refused_at:  # exact from now on; tried again in rebuild_s or at twice the size
             self._ann_refused = job.refused_at
@@ -359,7 +361,7 @@ class ModelHolder:
         else:
             kind, scan = "ann", "faiss-ivf"
         return {"retrieval": kind, "scan": scan, "dtype": self.item_dtype,
-                "ann_building": self._ann_job is not None,
+                "ann_building": self._ann_job is not None, "ann_builds": self.ann_builds,
                 "recall@10": 1.0 if kind == "exact" else getattr(found, "recall", None),
                 "nprobe": getattr(found, "nprobe", None),
                 "speedup": getattr(found, "speedup", None)}

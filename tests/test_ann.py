@@ -152,6 +152,7 @@ def test_the_server_uses_the_index_only_when_it_measured_it_faster_than_the_exac
                                       min_speedup=min_speedup)
     holder.ann, holder._ann_follows, holder._scan, holder._ann_refused = None, None, None, 0
     holder._ann_job, holder._ann_retry_at, holder._ann_started = None, 0.0, 0.0
+    holder.ann_builds = 0
     holder.item_dtype = "fp32"
     holder.current = Snapshot(0, None, None, {})
     served = holder._with_ann(scorer)
@@ -185,6 +186,7 @@ def test_versions_swapped_while_the_index_builds_are_in_it_when_it_serves() -> N
     holder.ann_settings = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0)
     holder.ann, holder._ann_follows, holder._scan, holder._ann_refused = None, None, None, 0
     holder._ann_job, holder._ann_retry_at, holder._ann_started = None, 0.0, 0.0
+    holder.ann_builds = 0
     holder.item_dtype = "fp32"
     holder.current = Snapshot(0, None, None, {})
     served = holder._with_ann(first)
@@ -228,6 +230,7 @@ def test_the_index_is_rebuilt_from_a_later_version_and_a_refused_one_is_tried_ag
     holder = object.__new__(ModelHolder)
     holder.ann, holder._ann_follows, holder._scan, holder._ann_refused = None, None, None, 0
     holder._ann_job, holder._ann_retry_at, holder._ann_started = None, 0.0, 0.0
+    holder.ann_builds = 0
     holder.item_dtype = "fp32"
     holder.current = Snapshot(0, None, None, {})
     names = ItemNames(list(ids), {item: i for i, item in enumerate(ids)}, N)
