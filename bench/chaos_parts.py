@@ -237,12 +237,14 @@ class Prober(threading.Thread):
         pool = KeepAlivePool(self.base, max_connections=self.clients, timeout_s=20.0)
 
         async def one_client(c: int) -> None:
-            last, n = 0, 0
-            # when the previous request was due; the clients spread over one round
-            prev = time.monotonic() + (c - self.clients) / self.rate
+            last, n, rate = 0, 0, 0.0
+            prev = 0.0  # when the previous request was due
             while not self.stop_flag.is_set():
-                due = prev + self.clients / self.rate  # the rate may have changed meanwhile
                 t0 = time.monotonic()
+                if self.rate != rate:  # (re)start: the clients spread over one round
+                    rate = self.rate
+                    prev = t0 + (c - self.clients) / rate
+                due = prev + self.clients / rate
                 if t0 < due:
                     await asyncio.sleep(min(due - t0, 0.25))
                     continue
