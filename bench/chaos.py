@@ -277,7 +277,8 @@ class Chaos:
                 "token_went_back": backwards, "recovered_s": 0.0}
 
     def hot_swaps(self, n: int) -> dict[str, Any]:
-        """Speed the prober up to 200 req/s until n new versions were served (or 30 + n s)."""
+        """Speed the prober up to 200 req/s until n new versions were served (or 30 + n s);
+        req_per_s is what was answered, latency_* the answers' (from when each was sent)."""
         first = int((self._model() or {}).get("swaps", 0))
         self.prober.rate = 200.0
         before = self.prober.snapshot()
@@ -288,12 +289,17 @@ class Chaos:
             note = ""
         except RuntimeError as exc:
             note = str(exc)
-        took = time.monotonic() - t0
+        t1 = time.monotonic()
+        took = t1 - t0
         after = self.prober.snapshot()
         self.prober.rate = 20.0
         swaps = int((self._model() or {}).get("swaps", 0)) - first
+        # the answers that came within the phase
+        lat = sorted(x for t, x in list(self.prober.latencies) if t0 <= t <= t1)
         out = {"injections": swaps, "recovered_s": 0.0, "seconds": round(took, 1),
-               "req_per_s": round((after.requests - before.requests) / took)}
+               "req_per_s": round((after.requests - before.requests) / took),
+               "latency_p50_s": round(lat[len(lat) // 2], 3) if lat else None,
+               "latency_p99_s": round(lat[int(len(lat) * 0.99)], 3) if lat else None}
         if note:
             out["short_of_target"] = f"{swaps} of {n} swaps in {took:.0f} s"
         return out

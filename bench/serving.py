@@ -165,67 +165,31 @@ class Producer(threading.Thread):
 def load(base: str, qps: float, seconds: float, results: list) -> None:  # noqa: ANN001
     """Open-loop GETs on a fixed schedule: latency counts from the scheduled send time.
 
-    asyncio over raw keep-alive sockets, not an HTTP client library in threads: at 200 req/s
-    16 httpx threads took a sizeable share of the two cores the server under test runs on
-    (the benchmark's process, with its producer, 45% of a core at 1M items). A request that
-    finds every open connection busy opens another (open loop: a slow server gets more
-    concurrent requests, never fewer), up to MAX_CONNECTIONS; past that, requests wait for a
-    connection, their latency still counted from the scheduled time."""
+    asyncio over raw keep-alive sockets (`bench.rawhttp`), not an HTTP client library in
+    threads: at 200 req/s 16 httpx threads took a sizeable share of the two cores the server
+    under test runs on (the benchmark's process, with its producer, 45% of a core at 1M items).
+    A request that finds every open connection busy opens another (open loop: a slow server
+    gets more concurrent requests, never fewer), up to MAX_CONNECTIONS; past that, requests
+    wait for a connection, their latency still counted from the scheduled time."""
     import asyncio
 
-    host, port = base.split("//")[1].split(":")
+    from bench.rawhttp import KeepAlivePool, model_version
+
     rng = random.Random(3)
     users = [f"u{rng.randrange(10_000)}" for _ in range(int(qps * seconds))]
 
     async def run() -> None:
-        idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        opened = [0]
-
-        async def ask(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], user: str
-                      ) -> tuple[int, bytes]:
-            reader, writer = conn
-            writer.write(f"GET /recommend?user_id={user}&k=10 HTTP/1.1\r\nHost: {host}"
-                         f"\r\n\r\n".encode())
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
+        pool = KeepAlivePool(base, MAX_CONNECTIONS)
 
         async def one(scheduled: float, user: str) -> None:
             await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
-            status, version = 0, -1
-            while not idle and opened[0] >= MAX_CONNECTIONS:  # wait (the clock runs on)
-                await asyncio.sleep(0.001)
-            conn = idle.pop() if idle else None
-            try:
-                if conn is not None:
-                    try:
-                        status, body = await ask(conn, user)
-                    except (OSError, asyncio.IncompleteReadError):
-                        # the server closed it while idle (uvicorn: after 5 s): as HTTP
-                        # clients do, send the request again on a new connection
-                        conn[1].close()
-                        opened[0] -= 1
-                        conn = None
-                if conn is None:
-                    opened[0] += 1
-                    conn = await asyncio.open_connection(host, int(port))
-                    status, body = await ask(conn, user)
-                idle.append(conn)
-                at = body.find(b'"model_version":')
-                if at >= 0:
-                    version = int(body[at + 16:].split(b",")[0].split(b"}")[0])
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError,
-                    IndexError):
-                status = 0  # a failed request is a result, not a crash
-                if conn is not None:
-                    conn[1].close()
-                    opened[0] -= 1
-            results.append((scheduled, time.monotonic() - scheduled, status, version))
+            status, body = await pool.get(f"/recommend?user_id={user}&k=10")
+            results.append((scheduled, time.monotonic() - scheduled, status,
+                            model_version(body)))
 
         start = time.monotonic() + 0.5
         await asyncio.gather(*(one(start + n / qps, u) for n, u in enumerate(users)))
-        for _, writer in idle:
-            writer.close()
+        pool.close()
 
     asyncio.run(run())
 

@@ -56,6 +56,18 @@ STALL_S = 15.0
 # answer (the clock waits for it). A healthy overlap of two live members took 11-14 s to
 # settle on Tansu here; Apache Kafka ends a rebalance within max_poll_interval_ms (10 s).
 UNASSIGNED_S = 30.0
+# How long the broker may take to answer a fetch (Kafka's default; it answers as soon as it has
+# a record, so this adds no latency at the log end: measured 6 ms p50 either way on Tansu).
+# It was 50 ms. The embedded Tansu 0.6.0 (in-memory storage) takes longer to answer a fetch
+# the more batches the partition holds, and when that is longer than the fetch's max wait it
+# answers with nothing, every time: at 30,000 one-record batches in a partition (the chaos
+# producer's 100 events/s are ~1 record per batch) a 10 ms consumer read nothing in 10 s
+# (200,000 records in 2,000 batches: no such effect), and past ~60,000 the 50 ms consumers
+# read nothing either. The full chaos run of 2026-11-30 09:00
+# UTC had both consumers "stalled" on that (STALL_S resets and restarts every 15-40 s, the
+# trainer's kill recoveries 4 minutes each); a fresh consumer with 50 ms read 0 of 20,000
+# records in 30 s there, with 100 ms 2,800, with 250 or 500 ms all of them.
+FETCH_MAX_WAIT_MS = 500
 
 
 class ConsumerStalled(RuntimeError):
@@ -139,7 +151,7 @@ class Transport:
             bootstrap_servers=self.s.kafka_bootstrap, group_id=self.group, client_id=self.name,
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=1_500,
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         coordinator = consumer._coordinator  # noqa: SLF001 - see _note_join
         process = coordinator._process_join_group_response  # noqa: SLF001

@@ -272,12 +272,13 @@ class Trainer:
             return {}
         t0 = time.perf_counter()
         kind = "full"
+        lost = False  # the parent still goes to `publish`: the new epoch's numbers go on from it
         if self.parent is not None and not self.weights.extends(self.parent):
+            lost = True
             log.warning("parent version %s is gone from the store's history (did Redis lose "
                         "data?); publishing a full snapshot under a new epoch",
                         self.parent.version)
-            self.parent = None
-        if self.parent is not None and not self._full_due():
+        if self.parent is not None and not lost and not self._full_due():
             blob = to_bytes(*self.learner.published_delta())  # costs what changed
             kind = "delta"
         else:
@@ -306,9 +307,9 @@ class Trainer:
             log.warning("parent version %s vanished while publishing (did Redis lose data?); "
                         "publishing a full snapshot under a new epoch", self.parent.version
                         if self.parent else None)
-            self.parent, kind = None, "full"
+            kind = "full"
             blob = to_bytes(self.learner.state_tensors(), self.learner.item_ids)
-            manifest = self.weights.publish(blob, parent=None, kind=kind, **publish_as)
+            manifest = self.weights.publish(blob, parent=self.parent, kind=kind, **publish_as)
         self.learner.mark_published()
         self.parent = manifest
         if kind == "full":

@@ -213,10 +213,6 @@ def test_freshrec_up_durable_broker_restarts_a_killed_broker_with_its_log(tmp_pa
         stack.stop()
 
 
-@pytest.mark.skip(reason="2026-11-30: inside pytest this single-member group now loops in "
-                  "JoinGroup/SyncGroup on a fresh embedded Tansu 0.6.0 and is never assigned "
-                  "(4 runs in a row; the same code outside pytest is assigned in 3.2 s); the "
-                  "Tansu group defect of bench/tansu_group.py is suspected, not proven")
 def test_a_commit_while_the_broker_is_down_is_refused_not_raised(tmp_path, namespace) -> None:
     """Found by the chaos harness's broker fault: the features consumer died on a commit made
     while the broker was down (KafkaConnectionError escaped `Transport.commit`). The commit

@@ -140,6 +140,7 @@ def test_redis_losing_the_parent_during_a_publish_gives_a_full_snapshot(
     trainer.add_items(ITEMS)
     trainer.on_poll(poll(events(40), 0), now=1.0)
     store = trainer.weights
+    served = store.manifest(store.current())
     real_extends = store.extends
 
     def flushed_right_after_the_check(parent):  # noqa: ANN001, ANN202
@@ -155,6 +156,28 @@ def test_redis_losing_the_parent_during_a_publish_gives_a_full_snapshot(
     newest = store.manifest(store.current())
     assert newest.kind == "full" and newest.parent is None
     assert newest.trained_through["offsets"] == {f"{TOPIC}:0": 80}
+    assert newest.version > served.version, "model_version went back for clients"
+
+
+def test_model_version_goes_on_rising_after_redis_lost_everything(redis_url, namespace,
+                                                                  tiny_encoder) -> None:
+    """The medium chaos run of session 6: after a FLUSHALL (and after Redis restarted empty)
+    the trainer published version 1 of a new epoch while clients had been served 709 (29), so
+    226 (284) answers went back. The store numbers a new epoch on from the parent it is given
+    (tests/test_weight_chain.py), but the trainer dropped its parent before publishing."""
+    trainer = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                           publish_interval_ms=0)
+    trainer.add_items(ITEMS)
+    for k in range(3):
+        trainer.on_poll(poll(events(40, 40 * k), 40 * k), now=1.0 + k)
+    store = trainer.weights
+    served = store.manifest(store.current())
+    for key in store.r.scan_iter(f"{namespace}:*"):
+        store.r.delete(key)  # FLUSHALL
+    assert trainer.on_poll(poll(events(40, 120), 120), now=5.0) == {TopicPartition(TOPIC, 0): 160}
+    newest = store.manifest(store.current())
+    assert newest.kind == "full" and newest.parent is None and newest.epoch != served.epoch
+    assert newest.version > served.version, (newest.version, served.version)
 
 
 def mixed_events(n: int, offset: int = 0, seed: int = 0) -> list[Interaction]:
