@@ -16,6 +16,7 @@ from consumers import metrics
 from consumers.loop import Polled, Transport
 from consumers.settings import FeaturesSettings
 from protocol.features import FeaturesLost, FeatureStore
+from protocol.runtime import freeze_long_lived
 
 log = logging.getLogger("freshrec.features")
 REBUILD_CHECK_S = 1.0  # how often the consumer checks that Redis still has what it applied
@@ -70,6 +71,7 @@ def run(settings: FeaturesSettings) -> None:
                          settings.user_ttl_s)
     transport = Transport(settings, settings.features_group, "features", dlq=True)
     transport.install_signal_handlers()
+    freeze_long_lived("startup")
     log.info("features consumer up (group %s)", settings.features_group)
     checked = 0.0
     rewound: dict[str, int] = {}  # where a rebuild started: a gap there is the log's own start

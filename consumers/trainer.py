@@ -32,6 +32,7 @@ from model.learner import OnlineLearner
 from model.serialization import to_bytes
 from protocol.errors import LeaseLost, VerificationError
 from protocol.features import FeatureStore, resolve_text_features
+from protocol.runtime import freeze_long_lived
 from protocol.topics import Source
 from protocol.weights import Lease, Manifest, StaleParent, WeightStore
 
@@ -403,6 +404,7 @@ def serve(settings: TrainerSettings, trainer: Trainer) -> bool:
     (returns False) or until the lease is lost (raises `LeaseLost`)."""
     trainer.wait_for_lease()  # before resuming: the version to resume from is then final
     trainer.bootstrap()
+    freeze_long_lived("loading the model and the catalog")
     transport = Transport(settings, settings.trainer_group, "trainer", dlq=False,
                           max_records=settings.batch_max_events,
                           positions=lambda: trainer.resume_offsets(settings.topic_interactions))

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from model.encoder import TextEncoder
 from protocol.errors import Unavailable
 from protocol.features import FeatureStore
+from protocol.runtime import freeze_long_lived
 from protocol.weights import WeightStore
 from service import metrics
 from service.batcher import Batcher
@@ -227,6 +228,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         holder.refresh()  # serve the newest version from the first request, if Redis is up
     except redis.exceptions.RedisError as exc:
         log.warning("redis unavailable at startup (%s); will keep trying", exc)
+    freeze_long_lived("startup")
     holder.start()
     yield
     holder.stop()

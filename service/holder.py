@@ -26,6 +26,7 @@ from model.serialization import ID_TABLE, WeightsError, check_tensors
 from model.towers import TwoTower
 from protocol.errors import VerificationError
 from protocol.features import FeatureStore, share_text_features
+from protocol.runtime import freeze_long_lived
 from protocol.weights import LoadedVersion, WeightStore
 from service import metrics
 from service.linear import LinearCatalog
@@ -33,6 +34,7 @@ from service.linear import LinearCatalog
 log = logging.getLogger("freshrec.service")
 CATALOG_PAGE = 10_000  # catalog items read from Redis per request
 CATALOG_ROUND_S = 5.0  # the longest one refresh keeps reading a catalog backlog
+FREEZE_ITEMS = 10_000  # catalog items read in one round past which they are frozen (gc)
 RETRY_MAX_S = 300.0  # a version that failed to build is tried again after 1, 2, 4 ... this many s
 
 
@@ -417,6 +419,8 @@ class ModelHolder:
         self._unshared |= unshared
         self._catalog_copy = None
         self._linear.items_changed(item.item_id for item in items)
+        if len(items) >= FREEZE_ITEMS:
+            freeze_long_lived(f"{len(items):,} catalog items")
         return True
 
     def _adopt_shared_features(self) -> bool:

@@ -8,6 +8,7 @@ Redis namespace and its own topic names.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -38,6 +39,14 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def unfrozen() -> Iterator[None]:
+    """The API and the consumers freeze what they loaded out of the garbage collector's reach
+    (`protocol.runtime`); in one long test process, give it back after each test."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

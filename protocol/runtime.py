@@ -1,0 +1,28 @@
+"""Keeping Python's cyclic garbage collector out of the request path.
+
+A full (generation-2) collection walks every container object the process holds, with the GIL
+held: in the API at 100k items, 9 of them took up to 283 ms each during a benchmark run, and every
+request that arrived meanwhile waited (`bench/RESULTS.md`, "Full garbage collections"). Most of
+those objects never die: the modules of torch and transformers (~300k objects, a 133-ms
+collection on their own) and the catalog's items. `freeze_long_lived` moves them to the
+collector's permanent generation (`gc.freeze`, as Instagram's servers do), so later collections
+walk only what was allocated since. Frozen objects are still freed by reference counting; only
+a reference cycle among them would outlive its last use, so freeze after loading, not per request.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+log = logging.getLogger("freshrec.runtime")
+
+
+def freeze_long_lived(what: str) -> None:
+    """Collect what is garbage now, then freeze everything still alive (`what` is for the log)."""
+    t0 = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info("froze %d long-lived objects after %s (%.0f ms)", gc.get_freeze_count(), what,
+             (time.perf_counter() - t0) * 1e3)
