@@ -134,9 +134,9 @@ class Producer(threading.Thread):
 
     def __init__(self, bootstrap: str, topic: str, n_items: int, rate: float, count: int) -> None:
         super().__init__(daemon=True)
-        from kafka import KafkaProducer
+        from freshrec.replay import producer
 
-        self.p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+        self.p = producer(bootstrap)  # batches for 50 ms: see freshrec.replay.LINGER_MS
         self.topic, self.rate, self.count = topic, rate, count
         pool = min(count, 1_000_000)  # cycled: never allocate per-event draws for huge counts
         self.items = np.minimum(np.random.default_rng(1).zipf(1.3, size=pool), n_items) - 1

@@ -9,10 +9,17 @@ from collections.abc import Callable, Sequence
 from model.events import Interaction, Item
 
 
+# A paced stream's producer batches for up to this long. Tansu's in-memory log (the embedded
+# broker) costs CPU per fetch in proportion to the record batches it holds: 500 events/s with
+# 5 ms batches had it at a whole core after 60 s (30,000 events), 50 ms batches at 0.02 core
+# (bench/RESULTS.md, "The broker's CPU"). It adds at most this much to freshness.
+LINGER_MS = 50
+
+
 def producer(bootstrap: str):  # noqa: ANN201 - kafka.KafkaProducer
     from kafka import KafkaProducer
 
-    return KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5,
+    return KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=LINGER_MS,
                          batch_size=64 * 1024)
 
 
