@@ -18,6 +18,7 @@ from kafka.structs import MemberState, OffsetAndMetadata, TopicPartition
 
 from consumers import metrics
 from consumers.group import group_members
+from consumers.joins import keep_finished_joins
 from model.events import Interaction, Item
 from protocol.errors import InvalidRecord
 from protocol.settings import CommonSettings
@@ -53,8 +54,10 @@ STALL_S = 15.0
 # another UNASSIGNED_S later, it raises ConsumerStalled (the trainer starts over in-process,
 # the features consumer exits to be restarted). A member of a settled group that got no
 # partition (more members than partitions) is not stuck, nor is one whose broker does not
-# answer (the clock waits for it). A healthy overlap of two live members took 11-14 s to
-# settle on Tansu here; Apache Kafka ends a rebalance within max_poll_interval_ms (10 s).
+# answer (the clock waits for it). A healthy overlap of two live members settles in ~5 s on
+# Tansu here (11-14 s, at times over 40 s, while kafka-python threw away joins that finished
+# between polls: consumers/joins.py); Apache Kafka ends a rebalance within
+# max_poll_interval_ms (10 s).
 UNASSIGNED_S = 30.0
 # How long the broker may take to answer a fetch (Kafka's default; it answers as soon as it has
 # a record, so this adds no latency at the log end: measured 6 ms p50 either way on Tansu).
@@ -153,6 +156,7 @@ class Transport:
             max_poll_interval_ms=10_000, session_timeout_ms=6_000, heartbeat_interval_ms=1_500,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
+        keep_finished_joins(consumer)  # a join that finished between two polls still counts
         coordinator = consumer._coordinator  # noqa: SLF001 - see _note_join
         process = coordinator._process_join_group_response  # noqa: SLF001
 

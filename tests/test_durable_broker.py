@@ -213,10 +213,6 @@ def test_freshrec_up_durable_broker_restarts_a_killed_broker_with_its_log(tmp_pa
         stack.stop()
 
 
-@pytest.mark.skip(reason="2026-11-30: passed 3/3 alone after the stale-leader remedy, but in "
-                  "the fresh-clone CI run of 8fa318d its single-member group on a fresh "
-                  "embedded Tansu 0.6.0 was not assigned within 60 s (as in session 4); not "
-                  "yet understood (the 500-ms fetch wait landed in the same run)")
 def test_a_commit_while_the_broker_is_down_is_refused_not_raised(tmp_path, namespace) -> None:
     """Found by the chaos harness's broker fault: the features consumer died on a commit made
     while the broker was down (KafkaConnectionError escaped `Transport.commit`). The commit
