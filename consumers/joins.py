@@ -20,11 +20,15 @@ that the broker has dropped the member, which never heartbeats before its join c
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import kafka
 from kafka import KafkaConsumer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +43,11 @@ class _Finished:
 def keep_finished_joins(consumer: KafkaConsumer) -> None:
     """Patch `consumer`'s group coordinator (kafka-python 3.0.12 internals) as described above."""
     coordinator = consumer._coordinator  # noqa: SLF001
+    if not all(hasattr(coordinator, name) for name in
+               ("_do_join_and_sync_async", "_on_join_complete_async", "_generation")):
+        log.warning("this kafka-python (%s) has no join internals to patch; a join that "
+                    "finishes between polls may be sent again", kafka.__version__)
+        return
     join_and_sync: Callable[[], Awaitable[bytes]] = coordinator._do_join_and_sync_async  # noqa: SLF001
     complete = coordinator._on_join_complete_async  # noqa: SLF001
     session_s = coordinator.config["session_timeout_ms"] / 1000
