@@ -90,14 +90,11 @@ class AnnIndex:
         (B, d) user vectors reaches `target_recall` (doubling, then bisecting the last step:
         search time grows with nprobe, so overshooting 2x costs up to 2x), plus a quarter
         for queries and row updates the tuning did not see; returns that recall and measures the index's speed against the exact scan (`speedup`)."""
-        exact = scorer.scores(queries).topk(k).indices
+        exact = _exact_top(scorer, queries, k)
 
         def recall_at(nprobe: int) -> float:
             self.index.nprobe = nprobe
-            got = self.candidates(scorer, queries, k)
-            hits = sum(len(set(g[:k]) & set(e.tolist()))
-                       for (g, _), e in zip(got, exact, strict=True))
-            return hits / (k * len(queries))
+            return self._recall(scorer, queries, exact, k)
 
         low, nprobe = 0, 1  # recall_at(low) < target (0: nothing searched)
         recall = recall_at(nprobe)
@@ -118,6 +115,21 @@ class AnnIndex:
         self.nprobe, self.recall = nprobe, recall
         self.speedup = self._speedup(scorer, queries[:50], k)
         return recall
+
+    def _recall(self, scorer: Scorer, queries: torch.Tensor, exact: torch.Tensor, k: int
+                ) -> float:
+        got = self.candidates(scorer, queries, k)
+        hits = sum(len(set(g[:k]) & set(e.tolist())) for (g, _), e in zip(got, exact, strict=True))
+        return hits / (k * len(queries))
+
+    def still_fits(self, scorer: Scorer, queries: torch.Tensor, k: int = 10) -> float | None:
+        """recall@k at the tuned nprobe against `scorer`'s exact top-k on `queries` (B, d),
+        if the index still prunes well (nprobe at most 1/FIT_LISTS of the lists), else None.
+        An index tuned on a trained model searches 2-4 lists of 1,264-4,000; one built on an
+        untrained model needed a quarter of them (bench/RESULTS.md)."""
+        if self.index is None or self.index.nprobe * FIT_LISTS > self.nlist:
+            return None
+        return self._recall(scorer, queries, _exact_top(scorer, queries, k), k)
 
     def _speedup(self, scorer: Scorer, queries: torch.Tensor, k: int) -> float:
         """Median time of the fastest exact scan (torch's, or faiss's over fp32 columns) over
@@ -157,6 +169,17 @@ class AnnIndex:
         with self.lock:
             _, idx = self.index.search(q, want + self.overfetch)
         return _rescored(scorer, q, idx)
+
+
+FIT_LISTS = 32  # an index searching more than 1/32 of its lists is rebuilt, not kept
+
+
+@torch.no_grad()
+def _exact_top(scorer: Scorer, queries: torch.Tensor, k: int, chunk: int = 25) -> torch.Tensor:
+    """(B, k) positions of the exact top-k, `chunk` queries at a time (at 1M items, 200
+    queries' scores at once took 800 MB)."""
+    return torch.cat([scorer.scores(queries[i: i + chunk]).topk(k).indices
+                      for i in range(0, len(queries), chunk)])
 
 
 class ExactScan:

@@ -210,7 +210,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         log.addHandler(handler)
     log.setLevel(settings.log_level.upper())
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = settings.redis_client()
     features = FeatureStore(client, settings.namespace)
     weights = WeightStore(client, settings.require_hmac_key(), settings.namespace)
     holder = ModelHolder(weights, features, TextEncoder(settings.encoder_path),

@@ -82,6 +82,7 @@ class ModelHolder:
         self._ann_retry_at = 0.0  # monotonic time from which a refused index is tried again
         self._ann_started = 0.0  # monotonic time the newest index build started
         self.ann_builds = 0  # index builds finished (attached or refused)
+        self.ann_checks = 0  # times the served index was measured still fit, so not rebuilt
         self._ann_job: _AnnBuild | None = None  # an index being built in the background
         self.features = features
         self.encoder = encoder
@@ -289,7 +290,8 @@ class ModelHolder:
             if not follows:  # no index for this lineage: exact until one is built
                 self.ann, self._ann_follows = None, None
             if not follows or now - self._ann_started >= want.rebuild_s:
-                self._ann_job, self._ann_started = _AnnBuild(scorer, want), now
+                self._ann_job = _AnnBuild(scorer, want, self.ann if follows else None)
+                self._ann_started = now
         elif job.valid and scorer.changed is not None and job.last() is self.current.scorer:
             job.backlog.append(scorer.changed)  # written into the index once it is built
             job.last = weakref.ref(scorer)
@@ -305,6 +307,9 @@ class ModelHolder:
         if job is None or job.thread.is_alive():
             return
         self._ann_job = None
+        if job.kept:  # still fits the model: no build, and the next check in rebuild_s
+            self.ann_checks += 1
+            return
         self.ann_builds += 1
         cur = self.current.scorer
         if job.refused_at:  # exact from now on; tried again in rebuild_s or at twice the size
@@ -364,6 +369,7 @@ class ModelHolder:
             kind, scan = "ann", "faiss-ivf"
         return {"retrieval": kind, "scan": scan, "dtype": self.item_dtype,
                 "ann_building": self._ann_job is not None, "ann_builds": self.ann_builds,
+                "ann_checks": self.ann_checks,
                 "recall@10": 1.0 if kind == "exact" else getattr(found, "recall", None),
                 "nprobe": getattr(found, "nprobe", None),
                 "speedup": getattr(found, "speedup", None)}
@@ -506,23 +512,36 @@ def _table_diff(loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | No
     return torch.cat([changed, torch.arange(n, new.shape[0])])
 
 
+def _sampled_users(scorer: Scorer, n: int, seed: int) -> torch.Tensor:
+    """(n, d) user vectors of histories of 3 items drawn at random from the catalog."""
+    picks = np.random.default_rng(seed).integers(0, len(scorer), size=(n, 3)).tolist()
+    return scorer.user_vectors([[scorer.names.name(j) for j in p] for p in picks])
+
+
 class _AnnBuild:
     """An ANN index being built and tuned from `scorer` on a thread of its own, and the rows
     changed by the versions served meanwhile (`backlog`), which must be written into it before
-    it serves. `valid` turns False when a version is not built from the one before it."""
+    it serves. `valid` turns False when a version is not built from the one before it.
 
-    def __init__(self, scorer: Scorer, want: AnnSettings) -> None:
+    With `served`, the index serving now (its rows kept up to date in place), the thread first
+    measures it on sampled histories of `scorer`: if it still prunes well and reaches the
+    target recall, it is `kept` and nothing is built. A k-means over 1M items took a core for
+    about 190 s (`bench.serving`), so rebuilding every `rebuild_s` regardless kept one of the
+    two cores busy most of the time."""
+
+    def __init__(self, scorer: Scorer, want: AnnSettings, served: Any = None) -> None:
         self.index: Any = None
+        self.kept = False
         self.refused_at = 0  # the catalog size at which the index was slower than exact
         self.valid = True
         self.rebuild_s = want.rebuild_s
         self.backlog: list[torch.Tensor] = []
         self.last = weakref.ref(scorer)  # the newest Scorer whose changed rows are in backlog
-        self.thread = threading.Thread(target=self._build, args=(scorer, want),
+        self.thread = threading.Thread(target=self._build, args=(scorer, want, served),
                                        name="ann-build", daemon=True)
         self.thread.start()
 
-    def _build(self, scorer: Scorer, want: AnnSettings) -> None:
+    def _build(self, scorer: Scorer, want: AnnSettings, served: Any) -> None:
         from service import ann
 
         try:
@@ -530,13 +549,18 @@ class _AnnBuild:
 
             faiss.omp_set_num_threads(1)  # k-means on one core: the other serves requests
             t0 = time.monotonic()
+            if served is not None:
+                recall = served.still_fits(scorer, _sampled_users(scorer, 100, seed=1))
+                if recall is not None and recall >= want.recall:
+                    self.kept = True
+                    log.info("ANN index kept: recall@10 %.3f at nprobe %s of %s on sampled "
+                             "histories (checked in %.1f s)", recall, served.index.nprobe,
+                             served.nlist, time.monotonic() - t0)
+                    return
             index = ann.AnnIndex(nprobe=want.nprobe, target_recall=want.recall)
             index.build(scorer)
             if not want.nprobe:
-                rng = np.random.default_rng(0)
-                picks = rng.integers(0, len(scorer), size=(200, 3)).tolist()
-                users = scorer.user_vectors([[scorer.names.name(j) for j in p] for p in picks])
-                index.tune(scorer, users)
+                index.tune(scorer, _sampled_users(scorer, 200, seed=0))
             log.info("ANN index over %s items built in %.1f s (nlist %s, nprobe %s, recall@10 "
                      "%.3f on sampled histories, %.1fx the exact scan's speed)", len(scorer),
                      time.monotonic() - t0, index.nlist, index.nprobe,

@@ -15,6 +15,8 @@ class ServiceSettings(CommonSettings):
     api_token: SecretStr = SecretStr("")  # bearer token of the write endpoints; "" disables them
     admin_token: SecretStr = SecretStr("")  # bearer token of /admin/* (rollback); "" disables
     encoder_path: str = ""  # must be the trainer's base encoder (checked against each manifest)
+    redis_timeout_s: float = 2.0  # a request waits at most this long on Redis, then serves
+    # the user's last known history (the consumers wait longer: they only retry)
     poll_interval_s: float = 0.5  # how often the pointer and the catalog log are polled
     max_body_bytes: int = 1_000_000  # larger request bodies get 413
     user_cache_size: int = 100_000  # last known histories, served while Redis is down
@@ -35,7 +37,7 @@ class ServiceSettings(CommonSettings):
     ann_min_items: int = 50_000
     ann_nprobe: int = 0  # IVF lists searched; 0 = tuned at build time to ann_recall
     ann_recall: float = 0.97  # recall@10 the tuning aims for, on sampled histories
-    ann_rebuild_s: float = 300.0  # the index is rebuilt and retuned from the served version
+    ann_rebuild_s: float = 300.0  # the index is checked this often; rebuilt if it fits no more
     # from this catalog size, exact top-k of a linear tower's fp32 matrix by faiss's scan,
     # rescored by the model's own columns (same items and scores as torch's scan, 2.2-5.5x
     # faster on this CPU: service/ann.py ExactScan; needs faiss); 0 = torch's scan always

@@ -14,6 +14,7 @@ from model.towers import TwoTower
 pytest.importorskip("faiss")
 
 from service.ann import AnnIndex  # noqa: E402 - after the skip
+from service.holder import AnnSettings, ModelHolder, Snapshot  # noqa: E402
 
 H = 48
 N = 4000
@@ -54,6 +55,11 @@ def with_ann(scorer: Scorer) -> tuple[Scorer, AnnIndex]:
     index.tune(scorer, scorer.user_vectors(histories(len(scorer), 100, seed=9)))
     scorer.ann = index
     return scorer, index
+
+
+def retrieval_only(settings: AnnSettings) -> ModelHolder:
+    """A model holder without stores: only its retrieval part (`_with_ann`) is exercised."""
+    return ModelHolder(None, None, None, ann=settings)  # type: ignore[arg-type]
 
 
 def exact_of(scorer: Scorer) -> Scorer:
@@ -143,18 +149,11 @@ def test_exact_scan_serves_the_torch_scans_items_and_scores_bit_for_bit() -> Non
 def test_the_server_uses_the_index_only_when_it_measured_it_faster_than_the_exact_scan(
         min_speedup: float) -> None:
     from service.ann import ExactScan
-    from service.holder import AnnSettings, ModelHolder, Snapshot
 
     ids, text, table = catalog()
     scorer = Scorer(tower(), text, ids, ids=table)
-    holder = object.__new__(ModelHolder)
-    holder.ann_settings = AnnSettings(min_items=1000, scan_min_items=1000,
-                                      min_speedup=min_speedup)
-    holder.ann, holder._ann_follows, holder._scan, holder._ann_refused = None, None, None, 0
-    holder._ann_job, holder._ann_retry_at, holder._ann_started = None, 0.0, 0.0
-    holder.ann_builds = 0
-    holder.item_dtype = "fp32"
-    holder.current = Snapshot(0, None, None, {})
+    holder = retrieval_only(AnnSettings(min_items=1000, scan_min_items=1000,
+                                        min_speedup=min_speedup))
     served = holder._with_ann(scorer)
     assert not isinstance(served.ann, AnnIndex)  # built in the background: exact meanwhile
     holder.current = Snapshot(1, None, served, {})  # swapped in
@@ -177,18 +176,11 @@ def test_versions_swapped_while_the_index_builds_are_in_it_when_it_serves() -> N
     is attached, so it proposes from the served version's vectors, not the one it started
     from."""
     from service.ann import _rows
-    from service.holder import AnnSettings, ModelHolder, Snapshot
 
     ids, text, table = catalog()
     net = tower()
     first = Scorer(net, text, ids, ids=table)
-    holder = object.__new__(ModelHolder)
-    holder.ann_settings = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0)
-    holder.ann, holder._ann_follows, holder._scan, holder._ann_refused = None, None, None, 0
-    holder._ann_job, holder._ann_retry_at, holder._ann_started = None, 0.0, 0.0
-    holder.ann_builds = 0
-    holder.item_dtype = "fp32"
-    holder.current = Snapshot(0, None, None, {})
+    holder = retrieval_only(AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0))
     served = holder._with_ann(first)
     job = holder._ann_job
     holder.current = Snapshot(1, None, served, {})
@@ -223,16 +215,10 @@ def test_the_index_is_rebuilt_from_a_later_version_and_a_refused_one_is_tried_ag
     for 1.0 after 200,000), so it is rebuilt and retuned from the served version every
     `rebuild_s`; a refused one (slower than exact) is tried again then too, not only once the
     catalog has doubled (before: never at a steady catalog size)."""
-    from service.holder import AnnSettings, ModelHolder, Snapshot
 
     ids, text, table = catalog()
     net = tower()
-    holder = object.__new__(ModelHolder)
-    holder.ann, holder._ann_follows, holder._scan, holder._ann_refused = None, None, None, 0
-    holder._ann_job, holder._ann_retry_at, holder._ann_started = None, 0.0, 0.0
-    holder.ann_builds = 0
-    holder.item_dtype = "fp32"
-    holder.current = Snapshot(0, None, None, {})
+    holder = retrieval_only(AnnSettings())
     names = ItemNames(list(ids), {item: i for i, item in enumerate(ids)}, N)
     served = None
 
@@ -255,11 +241,17 @@ def test_the_index_is_rebuilt_from_a_later_version_and_a_refused_one_is_tried_ag
     never = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=1e9, rebuild_s=0.0)
     first = next_version(1, never)
     assert holder._ann_refused == N and not isinstance(first.ann, AnnIndex)
-    always = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0, rebuild_s=0.0)
+    # a low target recall: tuned to search a few of the lists, as on a trained model
+    always = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0, rebuild_s=0.0,
+                         recall=0.5)
     second = next_version(2, always)  # refused a moment ago, tried again at the same size
     assert holder._ann_refused == 0 and isinstance(second.ann, AnnIndex)
     old = second.ann
-    third = next_version(3, always)  # rebuild_s passed: a new index from this version
+    kept = next_version(3, always)  # rebuild_s passed, but it still fits: measured, kept
+    assert kept.ann is old and holder.ann_checks == 1
+    unreachable = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0,
+                              rebuild_s=0.0, recall=1.01)
+    third = next_version(3, unreachable)  # below the target recall: a new index
     assert isinstance(third.ann, AnnIndex) and third.ann is not old
     from service.ann import _rows
 
