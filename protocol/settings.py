@@ -28,11 +28,11 @@ class CommonSettings(BaseSettings):
     def redis_client(self) -> redis.Redis:
         """A Redis client whose calls time out (see `redis_timeout_s`) and raise then.
 
-        redis-py (8.x) retries a timed-out call 10 times with backoff by default, so a paused
-        Redis held each call ~11 timeouts long (a /recommend 3.4-4.7 s with a 2-s timeout in
-        `freshrec bench chaos`). A timeout is not retried here: the caller decides (the API
-        serves the last known history, the consumers retry their whole step). A dropped
-        connection is retried once, at once: that is what a retry is for."""
+        redis-py 8's default retry policy (10 retries with backoff, on connection errors and
+        timeouts) is replaced: a timeout is not retried here, the caller decides (the API
+        serves the last known history, the consumers retry their whole step); a dropped
+        connection is retried once, at once. (Measured on redis-py 8.1: a read timeout was
+        not retried even by the default; `tests/test_redis_timeouts.py` holds either way.)"""
         return redis.Redis.from_url(
             self.redis_url, socket_timeout=self.redis_timeout_s,
             socket_connect_timeout=self.redis_timeout_s, health_check_interval=30,
