@@ -24,7 +24,7 @@ from protocol.runtime import freeze_long_lived
 from protocol.weights import WeightStore
 from service import metrics
 from service.batcher import Batcher
-from service.deps import RecentEvents, UserCache
+from service.deps import RecentEvents, RedisBreaker, UserCache
 from service.holder import AnnSettings, ModelHolder
 from service.routes import error_body, router
 from service.settings import ServiceSettings
@@ -223,6 +223,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.user_cache = UserCache(settings.user_cache_size)
     app.state.batcher = Batcher(settings.max_batch) if settings.max_batch > 1 else None
     app.state.recent = RecentEvents(settings.recent_events_s)
+    app.state.breaker = RedisBreaker(trial_s=settings.redis_timeout_s)
     app.state.producer = LazyProducer(settings.kafka_bootstrap)
     try:
         holder.refresh()  # serve the newest version from the first request, if Redis is up

@@ -550,13 +550,16 @@ class _AnnBuild:
             faiss.omp_set_num_threads(1)  # k-means on one core: the other serves requests
             t0 = time.monotonic()
             if served is not None:
-                recall = served.still_fits(scorer, _sampled_users(scorer, 100, seed=1))
-                if recall is not None and recall >= want.recall:
+                recall = served.refit(scorer, _sampled_users(scorer, 100, seed=1), want.recall)
+                if recall is not None:
                     self.kept = True
                     log.info("ANN index kept: recall@10 %.3f at nprobe %s of %s on sampled "
                              "histories (checked in %.1f s)", recall, served.index.nprobe,
                              served.nlist, time.monotonic() - t0)
                     return
+                log.info("the ANN index no longer reaches recall@10 %.2f within 1/%s of its "
+                         "lists; rebuilding it", want.recall, ann.FIT_LISTS)
+                t0 = time.monotonic()
             index = ann.AnnIndex(nprobe=want.nprobe, target_recall=want.recall)
             index.build(scorer)
             if not want.nprobe:

@@ -23,6 +23,7 @@ from service.deps import (
     AdminAuthorized,
     Authorized,
     BatcherDep,
+    BreakerDep,
     FeaturesDep,
     HolderDep,
     ProducerDep,
@@ -108,20 +109,26 @@ def _unseen_top(top: Callable[[int], list[tuple[str, float]]], k: int,
 
 @router.get("/recommend", response_model=RecommendOut)
 def recommend(holder: HolderDep, features: FeaturesDep, batcher: BatcherDep, cache: UserCacheDep,
-              recent: RecentDep,
+              recent: RecentDep, breaker: BreakerDep,
               user_id: Annotated[str, Query(min_length=1, max_length=256)],
               k: Annotated[int, Query(ge=1, le=100)] = 10,
               exclude_seen: bool = True) -> Response:
-    """Top-k for a known (or unknown: cold start) user, from the live history in Redis."""
+    """Top-k for a known (or unknown: cold start) user, from the live history in Redis (from
+    the last known one while Redis does not answer)."""
     snap = holder.current  # one read: the whole request is served by this version
-    stale = False
-    try:
-        view = features.user_view(user_id)  # bounded, however much the user has seen
-        cache.put(user_id, view)
-    except redis.exceptions.RedisError:
+    now = time.monotonic()
+    stale = not breaker.allow(now)
+    if not stale:
+        try:
+            view = features.user_view(user_id)  # bounded, however much the user has seen
+            cache.put(user_id, view)
+            breaker.succeeded()
+        except redis.exceptions.RedisError:
+            breaker.failed(time.monotonic())
+            stale = True
+    if stale:
         view = cache.get(user_id)
-        stale = True
-    view = recent.merge(user_id, view, time.monotonic())  # accepted, maybe not applied yet
+    view = recent.merge(user_id, view, now)  # accepted, maybe not applied yet
     check = (_seen_checker(features, user_id) if exclude_seen and not view.complete and not stale
              else None)
     return _rank(snap, features, batcher, view.history, view.seen if exclude_seen else set(), k,
