@@ -83,6 +83,7 @@ class ModelHolder:
         self._ann_started = 0.0  # monotonic time the newest index build started
         self.ann_builds = 0  # index builds finished (attached or refused)
         self.ann_checks = 0  # times the served index was measured still fit, so not rebuilt
+        self._ann_misfit = False  # the last check found the served index unfit: build anew
         self._ann_job: _AnnBuild | None = None  # an index being built in the background
         self.features = features
         self.encoder = encoder
@@ -281,16 +282,18 @@ class ModelHolder:
             return self._with_scan(scorer)  # measured slower than exact lately, at this size
         follows = bool(self.ann) and scorer.changed is not None and \
             self._ann_follows is not None and self._ann_follows() is self.current.scorer
+        job = self._ann_job
         if follows:
-            self.ann.update(scorer, scorer.changed)
+            if job is None or not job.check:  # a check measures the index as it was when it
+                self.ann.update(scorer, scorer.changed)  # began: rows come in after it (backlog)
             self._ann_follows = weakref.ref(scorer)
             scorer.ann = self.ann
-        job = self._ann_job
         if job is None:
             if not follows:  # no index for this lineage: exact until one is built
                 self.ann, self._ann_follows = None, None
-            if not follows or now - self._ann_started >= want.rebuild_s:
-                self._ann_job = _AnnBuild(scorer, want, self.ann if follows else None)
+            if not follows or self._ann_misfit or now - self._ann_started >= want.rebuild_s:
+                check = follows and not self._ann_misfit
+                self._ann_job = _AnnBuild(scorer, want, self.ann if check else None)
                 self._ann_started = now
         elif job.valid and scorer.changed is not None and job.last() is self.current.scorer:
             job.backlog.append(scorer.changed)  # written into the index once it is built
@@ -307,11 +310,17 @@ class ModelHolder:
         if job is None or job.thread.is_alive():
             return
         self._ann_job = None
-        if job.kept:  # still fits the model: no build, and the next check in rebuild_s
-            self.ann_checks += 1
-            return
-        self.ann_builds += 1
         cur = self.current.scorer
+        if job.check:
+            if self.ann and job.valid and cur is not None and job.last() is cur and job.backlog:
+                self.ann.update(cur, torch.cat(job.backlog).unique())  # the check's backlog
+            if job.kept:  # still fits the model: the next check in rebuild_s
+                self.ann_checks += 1
+            else:  # the served index goes on serving (and following) while its successor builds
+                self._ann_misfit = True
+            return
+        self._ann_misfit = False
+        self.ann_builds += 1
         if job.refused_at:  # exact from now on; tried again in rebuild_s or at twice the size
             self._ann_refused = job.refused_at
             self._ann_retry_at = time.monotonic() + job.rebuild_s
@@ -523,23 +532,47 @@ class _AnnBuild:
     changed by the versions served meanwhile (`backlog`), which must be written into it before
     it serves. `valid` turns False when a version is not built from the one before it.
 
-    With `served`, the index serving now (its rows kept up to date in place), the thread first
-    measures it on sampled histories of `scorer`: if it still prunes well and reaches the
-    target recall, it is `kept` and nothing is built. A k-means over 1M items took a core for
-    about 190 s (`bench.serving`), so rebuilding every `rebuild_s` regardless kept one of the
-    two cores busy most of the time."""
+    With `served`, the index serving now, it is a `check` instead: the thread measures that
+    index on sampled histories of `scorer` (`AnnIndex.refit`) and builds nothing; it is `kept`
+    if it still prunes well at the target recall, else the holder builds a new one next. A
+    k-means over 1M items took a core for 50-190 s (`bench.serving`), so rebuilding every
+    `rebuild_s` regardless kept one of the two cores busy much of the time."""
 
     def __init__(self, scorer: Scorer, want: AnnSettings, served: Any = None) -> None:
         self.index: Any = None
+        self.check = served is not None  # measure `served`, build nothing
         self.kept = False
         self.refused_at = 0  # the catalog size at which the index was slower than exact
         self.valid = True
         self.rebuild_s = want.rebuild_s
         self.backlog: list[torch.Tensor] = []
         self.last = weakref.ref(scorer)  # the newest Scorer whose changed rows are in backlog
-        self.thread = threading.Thread(target=self._build, args=(scorer, want, served),
+        self.thread = threading.Thread(target=self._check if self.check else self._build,
+                                       args=(scorer, want, served),
                                        name="ann-build", daemon=True)
         self.thread.start()
+
+    def _check(self, scorer: Scorer, want: AnnSettings, served: Any) -> None:
+        """Measure the served index against `scorer`, the version its rows were last written
+        from (the versions swapped in meanwhile wait in `backlog`: at 1M items, measuring
+        against rows that moved on during the check failed a just-built index at every
+        nprobe)."""
+        from service import ann
+
+        try:
+            t0 = time.monotonic()
+            recall = served.refit(scorer, _sampled_users(scorer, 100, seed=1), want.recall)
+            self.kept = recall is not None
+            if self.kept:
+                log.info("ANN index kept: recall@10 %.3f at nprobe %s of %s on sampled "
+                         "histories (checked in %.1f s)", recall, served.index.nprobe,
+                         served.nlist, time.monotonic() - t0)
+            else:
+                log.info("the ANN index no longer reaches recall@10 %.2f within 1/%s of its "
+                         "lists; rebuilding it", want.recall, ann.FIT_LISTS)
+        except Exception:  # noqa: BLE001 - it goes on serving; the next check in rebuild_s
+            log.exception("checking the ANN index failed")
+            self.kept = True
 
     def _build(self, scorer: Scorer, want: AnnSettings, served: Any) -> None:
         from service import ann
@@ -549,17 +582,6 @@ class _AnnBuild:
 
             faiss.omp_set_num_threads(1)  # k-means on one core: the other serves requests
             t0 = time.monotonic()
-            if served is not None:
-                recall = served.refit(scorer, _sampled_users(scorer, 100, seed=1), want.recall)
-                if recall is not None:
-                    self.kept = True
-                    log.info("ANN index kept: recall@10 %.3f at nprobe %s of %s on sampled "
-                             "histories (checked in %.1f s)", recall, served.index.nprobe,
-                             served.nlist, time.monotonic() - t0)
-                    return
-                log.info("the ANN index no longer reaches recall@10 %.2f within 1/%s of its "
-                         "lists; rebuilding it", want.recall, ann.FIT_LISTS)
-                t0 = time.monotonic()
             index = ann.AnnIndex(nprobe=want.nprobe, target_recall=want.recall)
             index.build(scorer)
             if not want.nprobe:

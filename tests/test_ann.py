@@ -251,7 +251,9 @@ def test_the_index_is_rebuilt_from_a_later_version_and_a_refused_one_is_tried_ag
     assert kept.ann is old and holder.ann_checks == 1
     unreachable = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0,
                               rebuild_s=0.0, recall=1.01)
-    third = next_version(3, unreachable)  # below the target recall: a new index
+    unfit = next_version(3, unreachable)  # below the target recall: it serves on ...
+    assert unfit.ann is old and holder.ann_checks == 1
+    third = next_version(3, unreachable)  # ... until its successor is built: a new index
     assert isinstance(third.ann, AnnIndex) and third.ann is not old
     from service.ann import _rows
 
@@ -282,3 +284,38 @@ def test_an_index_below_its_recall_searches_more_lists_before_it_is_rebuilt() ->
 
     assert index.refit(scorer, queries, target=1.01) is None  # nothing within the limit: rebuild
     assert index.index.nprobe == index.nprobe == 2  # serving as before meanwhile
+
+
+def test_rows_changed_during_a_check_are_written_into_the_index_after_it() -> None:
+    """A check measures the served index as it was when it began (measured against rows
+    that moved on meanwhile, a just-built 1M index failed at every nprobe): the versions
+    swapped in during the check wait in its backlog, and are written in when it ends."""
+    from service.ann import _rows
+
+    ids, text, table = catalog()
+    net = tower()
+    names = ItemNames(list(ids), {item: i for i, item in enumerate(ids)}, N)
+    fits = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0, rebuild_s=0.0,
+                       recall=0.5)
+    holder = retrieval_only(fits)
+    served = holder._with_ann(Scorer(net, text, ids, ids=table))
+    holder.current = Snapshot(1, None, served, {})
+    holder._ann_job.thread.join()
+    rows = torch.tensor([2, 102])  # attaches the index, then starts a check (rebuild_s 0)
+    served = holder._with_ann(served.updated(net, names, rows, torch.randn(2, 64),
+                                             fixed_projection(net, text[rows])))
+    holder.current = Snapshot(2, None, served, {})
+    check = holder._ann_job
+    assert check is not None and check.check
+    rows = torch.tensor([7, 8, 9])  # swapped in while the check runs
+    moved = served.updated(net, names, rows, torch.randn(3, 64), fixed_projection(net, text[rows]))
+    served = holder._with_ann(moved)
+    holder.current = Snapshot(3, None, served, {})
+    index = served.ann
+    check.thread.join()
+    assert check.kept and len(check.backlog) == 1
+    holder._adopt_ann()
+
+    assert served.ann is index
+    stored = index.index.reconstruct_n(0, index.size)
+    assert torch.allclose(torch.from_numpy(stored), torch.from_numpy(_rows(served, 0, N)))
