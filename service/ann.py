@@ -142,6 +142,7 @@ class AnnIndex:
         q = _queries(scorer, queries)  # read from `scorer` at once, before it can be reused
         exact = self._stored_top(q, k)
         nprobe = self.index.nprobe
+        self.checked: list[tuple[int, float]] = []  # (nprobe, recall) tried, for the log
         while nprobe * FIT_LISTS <= self.nlist:
             params = self._faiss.SearchParametersIVF()
             params.nprobe = nprobe
@@ -149,6 +150,7 @@ class AnnIndex:
             hits = sum(len(set(g[g >= 0].tolist()) & set(e[e >= 0].tolist()))
                        for g, e in zip(got, exact, strict=True))
             recall = hits / max(1, int((exact >= 0).sum()))
+            self.checked.append((nprobe, recall))
             if recall >= target:
                 with self.lock:
                     self.index.nprobe = nprobe

@@ -569,7 +569,8 @@ class _AnnBuild:
                          served.nlist, time.monotonic() - t0)
             else:
                 log.info("the ANN index no longer reaches recall@10 %.2f within 1/%s of its "
-                         "lists; rebuilding it", want.recall, ann.FIT_LISTS)
+                         "lists (nprobe, recall: %s); rebuilding it", want.recall, ann.FIT_LISTS,
+                         ", ".join(f"{p} {r:.3f}" for p, r in getattr(served, "checked", [])))
         except Exception:  # noqa: BLE001 - it goes on serving; the next check in rebuild_s
             log.exception("checking the ANN index failed")
             self.kept = True
