@@ -512,11 +512,15 @@ def main(argv: list[str] | None = None) -> int:
     rb.add_argument("--home", default=str(DEFAULT_HOME), help="where `freshrec up` keeps "
                     "secrets.env (the HMAC key; FRESHREC_HMAC_KEY overrides it)")
 
-    bp = sub.add_parser("bench", help="benchmarks (see bench/RESULTS.md)")
-    bp.add_argument("which", choices=["quality", "live", "serving", "chaos"])
+    # no -h of its own: `freshrec bench serving --help` is the benchmark's own help
+    bp = sub.add_parser("bench", help="benchmarks (see bench/RESULTS.md)", add_help=False)
+    bp.add_argument("which", nargs="?", choices=["quality", "live", "serving", "chaos"])
 
     args, rest = p.parse_known_args(argv)
     if args.cmd == "bench":
+        if args.which is None:
+            bp.print_help(sys.stdout if {"-h", "--help"} & set(rest) else sys.stderr)
+            return 0 if {"-h", "--help"} & set(rest) else 2
         return cmd_bench(args, rest)
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

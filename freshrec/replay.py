@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 
 from model.events import Interaction, Item
 
-
 # A paced stream's producer batches for up to this long. Tansu's in-memory log (the embedded
 # broker) costs CPU per fetch in proportion to the record batches it holds: 500 events/s with
 # 5 ms batches had it at a whole core after 60 s (30,000 events), 50 ms batches at 0.02 core

@@ -67,3 +67,14 @@ def test_sigterm_during_a_benchmark_runs_its_cleanup(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-c", script, str(marker)], cwd=ROOT, timeout=60)
     assert done.returncode == 143
     assert marker.read_text() == "stopped"
+
+
+def test_bench_help_is_the_benchmarks_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """`freshrec bench serving --help` listed only the four benchmark names: the options
+    (`--items`, `--quick`, ...) were out of reach from the command the issues quote."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", "serving", "--help"])
+    assert done.value.code == 0
+    assert "--items" in capsys.readouterr().out
+    assert cli.main(["bench", "--help"]) == 0
+    assert "quality,live,serving,chaos" in capsys.readouterr().out
