@@ -121,6 +121,16 @@ def seed_features(client: redis.Redis, namespace: str, items: Sequence[Item],
     return fs
 
 
+def publish_small(client: redis.Redis, namespace: str, encoder_path: str, encoder) -> Manifest:  # noqa: ANN001
+    """20 items and 30 events of 3 users (u0-u2) in the feature store, and one version
+    trained on them published: a stack with something to serve."""
+    items = make_items(20)
+    events = make_events(items, users=3, n=30)
+    published = Publisher(client, namespace, encoder_path, encoder, items, events).publish()
+    seed_features(client, namespace, items, events)
+    return published
+
+
 def settings(redis_url: str, namespace: str, encoder_path: str, **over):  # noqa: ANN003, ANN201
     from service.settings import ServiceSettings
 

@@ -22,6 +22,7 @@ from helpers import (
     make_events,
     make_items,
     metric_value,
+    publish_small,
     seed_features,
     settings,
     wait_until,
@@ -70,10 +71,7 @@ def test_healthz_fails_while_the_model_loader_is_stuck(tiny_encoder_path: str, t
     paused = False
     try:
         r = redis.Redis.from_url(url)
-        items = make_items(20)
-        events = make_events(items, users=3, n=30)
-        good = Publisher(r, "stuck", tiny_encoder_path, tiny_encoder, items, events).publish()
-        seed_features(r, "stuck", items, events)
+        good = publish_small(r, "stuck", tiny_encoder_path, tiny_encoder)
         s = settings(url, "stuck", tiny_encoder_path, poll_interval_s=0.1, loader_stuck_s=1.0)
         with client_for(s) as c:
             wait_until(lambda: c.get("/model").json()["version"] == good.version, 10, "version")

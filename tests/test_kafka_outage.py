@@ -17,11 +17,8 @@ import redis
 from conftest import free_port
 from helpers import (
     API_TOKEN,
-    Publisher,
     client_for,
-    make_events,
-    make_items,
-    seed_features,
+    publish_small,
     settings,
     wait_until,
 )
@@ -37,10 +34,7 @@ def test_events_answer_503_fast_while_the_broker_is_down(
         redis_url: str, namespace: str, tiny_encoder_path: str, tiny_encoder,  # noqa: ANN001
         tmp_path: Path) -> None:
     r = redis.Redis.from_url(redis_url)
-    items = make_items(20)
-    events = make_events(items, users=3, n=30)
-    Publisher(r, namespace, tiny_encoder_path, tiny_encoder, items, events).publish()
-    seed_features(r, namespace, items, events)
+    publish_small(r, namespace, tiny_encoder_path, tiny_encoder)
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
     topics = [f"{namespace}.interactions", f"{namespace}.items", f"{namespace}.dlq"]

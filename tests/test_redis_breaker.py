@@ -15,11 +15,8 @@ from pathlib import Path
 
 import redis
 from helpers import (
-    Publisher,
     client_for,
-    make_events,
-    make_items,
-    seed_features,
+    publish_small,
     settings,
     wait_until,
 )
@@ -35,10 +32,7 @@ def test_requests_after_a_redis_timeout_do_not_wait_for_redis(
     paused = False
     try:
         r = redis.Redis.from_url(url)
-        items = make_items(20)
-        events = make_events(items, users=3, n=30)
-        good = Publisher(r, "breaker", tiny_encoder_path, tiny_encoder, items, events).publish()
-        seed_features(r, "breaker", items, events)
+        good = publish_small(r, "breaker", tiny_encoder_path, tiny_encoder)
         with client_for(settings(url, "breaker", tiny_encoder_path, redis_timeout_s=0.5)) as c:
             wait_until(lambda: c.get("/model").json()["version"] == good.version, 10, "version")
             known = c.get("/recommend", params={"user_id": "u0"}).json()
