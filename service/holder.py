@@ -553,10 +553,9 @@ class _AnnBuild:
         self.thread.start()
 
     def _check(self, scorer: Scorer, want: AnnSettings, served: Any) -> None:
-        """Measure the served index against `scorer`, the version its rows were last written
-        from (the versions swapped in meanwhile wait in `backlog`: at 1M items, measuring
-        against rows that moved on during the check failed a just-built index at every
-        nprobe)."""
+        """Measure the served index on histories of `scorer`, the version its rows were last
+        written from; the versions swapped in meanwhile wait in `backlog`, so the index does
+        not change under the measurement (its searches take no lock)."""
         from service import ann
 
         try:
