@@ -28,7 +28,7 @@ from model.batching import BatchPolicy, MicroBatcher, publish_due
 from model.config import ModelConfig
 from model.encoder import TextEncoder
 from model.events import Interaction, Item
-from model.learner import OnlineLearner
+from model.learner import GateDecision, OnlineLearner
 from model.serialization import to_bytes
 from protocol.errors import LeaseLost, VerificationError
 from protocol.features import FeatureStore, resolve_text_features
@@ -201,8 +201,10 @@ class Trainer:
             self.pending_offsets = {}
             done, self.trained = self.trained, {}
             return done
-        if self.unpublished_events and publish_due(now, self.last_publish,
-                                                   self.s.publish_interval_ms):
+        # A refusal is carried by the next version; when no event comes to make one (the
+        # stream went quiet), that version holds the rolled-back weights, only to record it.
+        if (self.unpublished_events or self.refused) and publish_due(
+                now, self.last_publish, self.s.publish_interval_ms):
             return self.publish(now)
         return {}
 
@@ -255,7 +257,9 @@ class Trainer:
         """Gate, publish, and hand back the offsets the new version covers."""
         if not self.hold_lease(now):
             return {}  # another trainer publishes; ours stay unpublished and uncommitted
-        decision = self.learner.gate()
+        # nothing learned since the published weights (a version that records a refusal)
+        decision = (self.learner.gate() if self.unpublished_events
+                    else GateDecision(True, 0.0, 0.0, 0))
         if not decision.publish:
             metrics.GATE_REFUSALS.inc()
             metrics.ROLLBACKS.inc()
@@ -291,7 +295,7 @@ class Trainer:
             "newest_event_ts": self.newest_event_ts,
             "produced_ts": sorted(self.produce_ts)[::step][:PRODUCE_SAMPLE],
             "events": self.unpublished_events,
-            "holdout_hr@10": decision.hr,
+            "holdout_hr@10": decision.hr if decision.events else None,  # None: no verdict
             "lease_token": self.lease.token if self.lease else None,
             **self._live_numbers(now),
         }
