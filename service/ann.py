@@ -60,6 +60,8 @@ class AnnIndex:
         self.lock = threading.Lock()
         self.fallbacks = 0  # requests answered by the exact scan after all
         self.speedup: float | None = None  # exact scan time / this index's, measured by `tune`
+        self.tuned_nprobe = 0  # what `tune` chose: a check searches at least that many lists
+        self.on_query: Any = None  # called with each search's (B, d) users (RecallMonitor.offer)
 
     # ------------------------------------------------------------------ building
     @torch.no_grad()
@@ -112,7 +114,7 @@ class AnnIndex:
             nprobe = min(self.nlist, nprobe + max(1, nprobe // 4))
             recall = recall_at(nprobe)
         self.index.nprobe = nprobe
-        self.nprobe, self.recall = nprobe, recall
+        self.nprobe, self.recall, self.tuned_nprobe = nprobe, recall, nprobe
         self.speedup = self._speedup(scorer, queries[:50], k)
         return recall
 
@@ -127,8 +129,9 @@ class AnnIndex:
         """Keep this index if it still prunes well: the smallest nprobe, from the tuned one up
         (doubling), whose top-k reaches `target` recall@k against the exact top-k of the
         vectors the index holds, for `queries` (B, d) from `scorer`, searching at most
-        1/FIT_LISTS of the lists; that nprobe is then served and its recall returned. None
-        when none does (rebuild it). An index tuned on a trained model searches 2-5 lists of
+        1/FIT_LISTS of the lists (or the tuned nprobe, if tuning chose more: a small catalog's
+        index, which a rebuild would not improve); that nprobe is then served and its recall
+        returned. None when none does (rebuild it). An index tuned on a trained model searches 2-5 lists of
         1,264-4,000; one built on an untrained model needed a quarter of them
         (bench/RESULTS.md). The rows move as the model learns, the lists do not.
 
@@ -143,7 +146,8 @@ class AnnIndex:
         exact = self._stored_top(q, k)
         nprobe = self.index.nprobe
         self.checked: list[tuple[int, float]] = []  # (nprobe, recall) tried, for the log
-        while nprobe * FIT_LISTS <= self.nlist:
+        most = max(self.nlist // FIT_LISTS, self.tuned_nprobe)
+        while nprobe <= most:
             params = self._faiss.SearchParametersIVF()
             params.nprobe = nprobe
             _, got = self.index.search(q, k, params=params)
@@ -202,15 +206,90 @@ class AnnIndex:
 
     # ------------------------------------------------------------------ searching
     @torch.no_grad()
-    def candidates(self, scorer: Scorer, users: torch.Tensor, want: int
+    def candidates(self, scorer: Scorer, users: torch.Tensor, want: int, offer: bool = True
                    ) -> list[tuple[list[int], list[float]]]:
         """Up to `want` + overfetch candidate positions per user (B, d), best first, with their
-        exact scores from `scorer`'s own columns (not divided by the temperature)."""
+        exact scores from `scorer`'s own columns (not divided by the temperature). `offer`:
+        hand the users to `on_query` (the served-recall monitor's sample)."""
         q = _queries(scorer, users)
         self._faiss.omp_set_num_threads(1)  # see `ExactScan`
         with self.lock:
             _, idx = self.index.search(q, want + self.overfetch)
+        if offer and self.on_query is not None:
+            self.on_query(users)
         return _rescored(scorer, q, idx)
+
+
+class RecallMonitor:
+    """Served recall@k of the ANN index, measured on the users it actually serves.
+
+    The index's own figures (`tune` at build, `refit` at each check) are measured on sampled
+    3-item histories at one moment; between checks the rows move as versions arrive. This
+    keeps a few of the user vectors that real requests searched with (`offer`, from the
+    request path: a timestamp comparison per search, a copy of one row per sample), and now
+    and then (`measure`, on a thread of its own) asks the served index and the exact scan of
+    the served Scorer for their top-k for them: what users get, against what they would get
+    without the index. `window` is the rolling mean over the last `window_queries` queries,
+    `total` the run's."""
+
+    def __init__(self, every_s: float = 10.0, batch: int = 8, window_queries: int = 96,
+                 k: int = 10) -> None:
+        from collections import deque
+
+        self.every_s, self.batch, self.k = every_s, batch, k
+        self._queued: deque[torch.Tensor] = deque(maxlen=batch)
+        self._next_offer = 0.0
+        # (hits, asked) per measurement, for the last `window_queries` queries or so
+        self._recent: deque[tuple[int, int]] = deque(maxlen=max(1, window_queries // batch))
+        self.hits = self.asked = 0
+        self.measured_at = 0.0
+
+    def offer(self, users: torch.Tensor) -> None:
+        """A search's users (B, d): one is kept, at most `batch` per `every_s`."""
+        now = time.monotonic()
+        if now < self._next_offer or not len(users):
+            return
+        self._next_offer = now + self.every_s / self.batch
+        self._queued.append(users[0].detach().clone())
+
+    def reset(self) -> None:
+        """A new index serves: the window starts again (the run's totals go on)."""
+        self._recent.clear()
+
+    @torch.no_grad()
+    def measure(self, scorer: Scorer, index: AnnIndex) -> float | None:
+        """The queued users' recall@k through `index` against the exact scan of `scorer`;
+        None when nothing was queued."""
+        users = [self._queued.popleft() for _ in range(len(self._queued))]
+        if not users:
+            return None
+        q = torch.stack(users)
+        exact = _exact_top(scorer, q, min(self.k, len(scorer)))
+        got = index.candidates(scorer, q, self.k, offer=False)
+        hits = sum(len(set(g[: self.k]) & set(e.tolist()))
+                   for (g, _), e in zip(got, exact, strict=True))
+        asked = exact.numel()
+        self._recent.append((hits, asked))
+        self.hits, self.asked = self.hits + hits, self.asked + asked
+        self.measured_at = time.monotonic()
+        return hits / asked
+
+    @property
+    def window(self) -> float | None:
+        asked = sum(a for _, a in self._recent)
+        return sum(h for h, _ in self._recent) / asked if asked else None
+
+    @property
+    def window_queries(self) -> int:
+        return sum(a for _, a in self._recent) // self.k
+
+    @property
+    def window_full(self) -> bool:
+        return len(self._recent) == self._recent.maxlen
+
+    @property
+    def total(self) -> float | None:
+        return self.hits / self.asked if self.asked else None
 
 
 FIT_LISTS = 32  # an index that must search more than 1/32 of its lists is rebuilt, not kept

@@ -217,7 +217,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                          settings.poll_interval_s, item_dtype=settings.item_dtype,
                          ann=AnnSettings(settings.ann_min_items, settings.ann_nprobe,
                                          settings.ann_recall, settings.scan_min_items,
-                                         rebuild_s=settings.ann_rebuild_s))
+                                         rebuild_s=settings.ann_rebuild_s,
+                                         monitor_s=settings.ann_monitor_s))
     app.state.features = features
     app.state.holder = holder
     app.state.user_cache = UserCache(settings.user_cache_size)

@@ -35,6 +35,7 @@ log = logging.getLogger("freshrec.service")
 CATALOG_PAGE = 10_000  # catalog items read from Redis per request
 CATALOG_ROUND_S = 5.0  # the longest one refresh keeps reading a catalog backlog
 FREEZE_ITEMS = 10_000  # catalog items read in one round past which they are frozen (gc)
+RECALL_SLACK = 0.02  # served recall this far below the target, over a full window: rebuild
 RETRY_MAX_S = 300.0  # a version that failed to build is tried again after 1, 2, 4 ... this many s
 
 
@@ -54,6 +55,10 @@ class AnnSettings:
     # model whose vectors cluster unlike a trained one's (bench/ann_head_tail.py, 100k items:
     # nprobe 512 for recall 0.9 after 1,000 events, nprobe 1 for 1.0 after 200,000)
     rebuild_s: float = 300.0
+    # served recall@10 measured on queries requests searched with, every this many seconds
+    # (ann.RecallMonitor; 0 = never); below `recall` - RECALL_SLACK over a full window, the
+    # index is rebuilt
+    monitor_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,9 @@ class ModelHolder:
         self.ann_checks = 0  # times the served index was measured still fit, so not rebuilt
         self._ann_misfit = False  # the last check found the served index unfit: build anew
         self._ann_job: _AnnBuild | None = None  # an index being built in the background
+        self.recall_monitor: Any = None  # service.ann.RecallMonitor, once an index serves
+        self._monitor = threading.Thread(target=self._measure_recall, name="ann-recall",
+                                         daemon=True)
         self.features = features
         self.encoder = encoder
         self.poll_interval_s = poll_interval_s
@@ -133,6 +141,8 @@ class ModelHolder:
 
     def start(self) -> None:
         self._thread.start()
+        if self.ann_settings.min_items and self.ann_settings.monitor_s:
+            self._monitor.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -140,6 +150,8 @@ class ModelHolder:
         self._thread.join(timeout=30)  # a build over a large catalog takes a while
         if self._listener.is_alive():
             self._listener.join(timeout=5)
+        if self._monitor.is_alive():
+            self._monitor.join(timeout=5)
 
     # ------------------------------------------------------------------ background loop
     def _run(self) -> None:
@@ -159,6 +171,33 @@ class ModelHolder:
             pause, self._next_round_in = self._next_round_in, self.poll_interval_s
             self._wake.wait(min(pause, self.poll_interval_s))
             self._wake.clear()
+
+    def _measure_recall(self) -> None:
+        """Now and then, the served index's recall@10 on queries requests searched with,
+        against the exact scan of the served Scorer (`ann.RecallMonitor`): the figure between
+        the index's own checks. An index that falls short over a whole window is rebuilt."""
+        while not self._stop.wait(self.ann_settings.monitor_s):
+            try:
+                self._recall_round()
+            except Exception:  # noqa: BLE001 - a measurement must never stop serving
+                log.exception("measuring the served recall failed")
+
+    def _recall_round(self) -> None:
+        monitor, scorer = self.recall_monitor, self.current.scorer
+        index = getattr(scorer, "ann", None)
+        if monitor is None or index is None or index is not self.ann:
+            return  # exact serving, or an index not yet attached
+        if monitor.measure(scorer, index) is None:
+            return  # no request searched the index since the last round
+        window = monitor.window
+        metrics.ANN_SERVED_RECALL.set(window)
+        if monitor.window_full and window < self.ann_settings.recall - RECALL_SLACK \
+                and not self._ann_misfit:
+            log.warning("the ANN index served recall@10 %.3f over the last %s queries "
+                        "(target %.2f); rebuilding it", window, monitor.window_queries,
+                        self.ann_settings.recall)
+            self._ann_misfit = True  # the next version starts a build; this one serves on
+            monitor.reset()
 
     def _listen(self) -> None:
         """Pub/sub notices wake the loop at once; the poll covers what pub/sub drops."""
@@ -333,6 +372,13 @@ class ModelHolder:
             return  # failed (logged), or a full rebuild came between: the next build starts one
         rows = torch.cat(job.backlog).unique() if job.backlog else torch.zeros(0, dtype=torch.long)
         job.index.update(cur, rows)
+        if self.ann_settings.monitor_s:
+            from service.ann import RecallMonitor
+
+            if self.recall_monitor is None:
+                self.recall_monitor = RecallMonitor(self.ann_settings.monitor_s)
+            self.recall_monitor.reset()  # the window measures this index
+            job.index.on_query = self.recall_monitor.offer
         self.ann, self._ann_follows, self._ann_refused = job.index, weakref.ref(cur), 0
         cur.ann = job.index  # requests that read the Scorer from now on use the index
         log.info("ANN index attached to version %s (%s rows written since its build)",
@@ -380,8 +426,18 @@ class ModelHolder:
                 "ann_building": self._ann_job is not None, "ann_builds": self.ann_builds,
                 "ann_checks": self.ann_checks,
                 "recall@10": 1.0 if kind == "exact" else getattr(found, "recall", None),
+                **self._served_recall(kind),
                 "nprobe": getattr(found, "nprobe", None),
                 "speedup": getattr(found, "speedup", None)}
+
+    def _served_recall(self, kind: str) -> dict[str, Any]:
+        """What the recall monitor measured (None before any measurement)."""
+        monitor = self.recall_monitor
+        if monitor is None:
+            return {"served_recall@10": 1.0 if kind == "exact" else None}
+        # the window, and the counts since this server started (a client takes differences)
+        return {"served_recall@10": monitor.window, "served_recall_hits": monitor.hits,
+                "served_recall_asked": monitor.asked}
 
     def _build_failed(self, target: int, sig: str | None, exc: Exception, serving: int) -> None:
         """Count a failed build and set when to try it again (1, 2, 4 ... RETRY_MAX_S s), so a

@@ -33,6 +33,10 @@ SWAP_FAILURES = Counter("freshrec_model_swap_failures",
 BUILDS = Counter("freshrec_model_builds",
                  "Ranking views built, by how: full (costs the catalog) or rows (linear item "
                  "tower: from the served view, costs the rows the version changed).", ["how"])
+ANN_SERVED_RECALL = Gauge(
+    "freshrec_ann_served_recall",
+    "recall@10 of the ANN index on queries requests searched with, against the exact scan of "
+    "the served version (a rolling window of about 100 queries; sampled every 10 s).")
 VERSION = Gauge("freshrec_model_version", "The version being served (0 = none yet).")
 
 

@@ -319,3 +319,62 @@ def test_rows_changed_during_a_check_are_written_into_the_index_after_it() -> No
     assert served.ann is index
     stored = index.index.reconstruct_n(0, index.size)
     assert torch.allclose(torch.from_numpy(stored), torch.from_numpy(_rows(served, 0, N)))
+
+
+def test_an_index_tuned_above_the_check_limit_is_measured_not_condemned() -> None:
+    """On a small catalog (5,000 items: 128 lists, so 1/FIT_LISTS is 4) tuning may settle on
+    more lists than the check allows; the check measured nothing then and rebuilt the index at
+    every `rebuild_s` (a k-means each time, for the same result). It measures the tuned nprobe
+    at least."""
+    from service.ann import FIT_LISTS
+
+    ids, text, table = catalog()
+    scorer, index = with_ann(Scorer(tower(), text, ids, ids=table))
+    queries = scorer.user_vectors(histories(N, 100, seed=3))
+    index.index.nprobe = index.nprobe = index.tuned_nprobe = index.nlist // FIT_LISTS + 1
+    at = index.refit(scorer, queries, target=0.0)
+    assert at is not None, f"not measured: {index.checked}"
+    assert index.checked[0][0] == index.nlist // FIT_LISTS + 1
+
+
+def test_served_recall_is_measured_on_served_queries_and_a_stale_index_is_rebuilt() -> None:
+    """Between checks nothing measured what the index served (at 1M items the partition went
+    stale within a minute, unseen). The recall monitor keeps user vectors that requests
+    searched with and measures the served index against the exact scan of the served Scorer;
+    an index that falls short over a whole window is rebuilt (the next version starts it)."""
+    ids, text, table = catalog()
+    net = tower()
+    names = ItemNames(list(ids), {item: i for i, item in enumerate(ids)}, N)
+    holder = retrieval_only(AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0,
+                                        rebuild_s=3600.0, recall=0.9, monitor_s=1e-9))
+    served = holder._with_ann(Scorer(net, text, ids, ids=table))
+    holder.current = Snapshot(1, None, served, {})
+    holder._ann_job.thread.join()
+    holder._adopt_ann()
+    monitor = holder.recall_monitor
+    assert served.ann is holder.ann and monitor is not None
+
+    def traffic(scorer: Scorer, rounds: int) -> None:
+        for r in range(rounds):
+            for q in range(monitor.batch):  # each request offers its first user
+                scorer.rank_batch(histories(N, 2, seed=1000 * r + q), 10)
+            holder._recall_round()
+
+    traffic(served, rounds=12)
+    assert monitor.window_full and monitor.window >= 0.9, monitor.window
+    assert not holder._ann_misfit
+    assert holder.retrieval()["served_recall@10"] == monitor.window
+
+    # The model moves every row far from where the lists were drawn (written in place, as
+    # versions are): the index is consistent with the served rows, its partition is not.
+    gen = torch.Generator().manual_seed(7)
+    rows = torch.arange(N)
+    moved = served.updated(net, names, rows, torch.randn(N, 64, generator=gen) * 3,
+                           fixed_projection(net, text[torch.randperm(N, generator=gen)]))
+    moved = holder._with_ann(moved)
+    holder.current = Snapshot(2, None, moved, {})
+    assert moved.ann is holder.ann, "written in place, not rebuilt"
+    traffic(moved, rounds=12)
+    assert holder._ann_misfit, f"served recall {monitor.total} did not trigger a rebuild"
+    assert monitor.total < 0.95
+    print(f"served recall: {monitor.total:.3f} in all, nprobe {moved.ann.nprobe} of {moved.ann.nlist}")

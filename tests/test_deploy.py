@@ -62,6 +62,7 @@ GAUGES = {
     "freshrec_trainer_learning_rate",
     "freshrec_online_hr_at_10",
     "freshrec_online_ndcg_at_10",
+    "freshrec_ann_served_recall",
 }
 HISTOGRAMS = {
     "freshrec_freshness_seconds",
