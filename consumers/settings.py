@@ -32,8 +32,8 @@ class TrainerSettings(CommonSettings):
     batch_max_events: int = BatchPolicy.max_events
     batch_window_ms: int = round(1000 * BatchPolicy.window_s)
     publish_interval_ms: int = 250  # at most one published version per interval
-    # a full snapshot at most every N versions, once the deltas since the last one add up to
-    # its size (Trainer._full_due); deltas in between
+    # a checkpoint beside the delta at most every N versions, once the deltas since the last
+    # one add up to its size (Trainer._full_due)
     full_every: int = 10
     keep_versions: int = 20  # versions kept in Redis for rollback
     quality_window: int = 2000  # events in the sliding online HR@10 / NDCG@10 window

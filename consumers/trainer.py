@@ -71,7 +71,7 @@ class Trainer:
         self.newest_event_ts = 0.0
         self.last_publish = 0.0
         self.parent: Manifest | None = None  # the version the learner's weights extend
-        self.since_full = 0  # versions since the last full snapshot
+        self.since_full = 0  # versions since the last full snapshot or checkpoint
         self.full_bytes = 0  # its size, and the deltas' sizes since (see `_full_due`)
         self.delta_bytes = 0
         self.published = 0
@@ -283,9 +283,12 @@ class Trainer:
             log.warning("parent version %s is gone from the store's history (did Redis lose "
                         "data?); publishing a full snapshot under a new epoch",
                         self.parent.version)
-        if self.parent is not None and not lost and not self._full_due():
+        checkpoint = None
+        if self.parent is not None and not lost:
             blob = to_bytes(*self.learner.published_delta())  # costs what changed
             kind = "delta"
+            if self._full_due():  # for readers without the parent; followers read the delta
+                checkpoint = to_bytes(self.learner.state_tensors(), self.learner.item_ids)
         else:
             blob = to_bytes(self.learner.state_tensors(), self.learner.item_ids)
         step = max(1, len(self.produce_ts) // PRODUCE_SAMPLE)
@@ -307,7 +310,7 @@ class Trainer:
                           trained_through=through, lease=self.lease)
         try:
             manifest = self.weights.publish(
-                blob, parent=self.parent, kind=kind, **publish_as)
+                blob, parent=self.parent, kind=kind, checkpoint=checkpoint, **publish_as)
         except StaleParent:  # Redis lost the parent since `extends` looked (a flush just now)
             log.warning("parent version %s vanished while publishing (did Redis lose data?); "
                         "publishing a full snapshot under a new epoch", self.parent.version
@@ -317,8 +320,9 @@ class Trainer:
             manifest = self.weights.publish(blob, parent=self.parent, kind=kind, **publish_as)
         self.learner.mark_published()
         self.parent = manifest
-        if kind == "full":
-            self.since_full, self.full_bytes, self.delta_bytes = 0, len(blob), 0
+        if kind == "full" or manifest.checkpoint:
+            size = len(blob) if kind == "full" else len(checkpoint or b"")
+            self.since_full, self.full_bytes, self.delta_bytes = 0, size, 0
         else:
             self.since_full, self.delta_bytes = self.since_full + 1, self.delta_bytes + len(blob)
         self.published += 1
@@ -336,10 +340,11 @@ class Trainer:
         return self._through_partitions()
 
     def _full_due(self) -> bool:
-        """A full snapshot every `full_every` versions at the most, and only once the deltas
-        since the last one add up to its size: a server joining late then reads at most about
-        two snapshots' bytes, and on a large catalog (1M items: a 270 MB snapshot, 1 MB
-        deltas) versions stay O(changed) instead of a full one every few seconds."""
+        """A checkpoint (the whole state, beside the delta) every `full_every` versions at the
+        most, and only once the deltas since the last one add up to its size: a server joining
+        late then reads at most about two snapshots' bytes, and on a large catalog (1M items: a
+        270 MB snapshot, 1 MB deltas) the trainer writes one every few hundred versions, not
+        every few seconds. Servers following the chain never read it."""
         return self.since_full + 1 >= self.s.full_every and self.delta_bytes >= self.full_bytes
 
     def _live_numbers(self, now: float) -> dict[str, float | None]:

@@ -230,27 +230,41 @@ class RecallMonitor:
     and then (`measure`, on a thread of its own) asks the served index and the exact scan of
     the served Scorer for their top-k for them: what users get, against what they would get
     without the index. `window` is the rolling mean over the last `window_queries` queries,
-    `total` the run's."""
+    `total` the run's. The recent vectors (`pool`, up to `pool_size`) are also what the index
+    is tuned and checked on: real queries, not synthetic histories (at 100k items an index
+    tuned to recall 1.000 on 3-item random histories served 0.90)."""
 
     def __init__(self, every_s: float = 10.0, batch: int = 8, window_queries: int = 96,
-                 k: int = 10) -> None:
+                 k: int = 10, pool_size: int = 256) -> None:
         from collections import deque
 
         self.every_s, self.batch, self.k = every_s, batch, k
         self._queued: deque[torch.Tensor] = deque(maxlen=batch)
-        self._next_offer = 0.0
+        self._pool: deque[torch.Tensor] = deque(maxlen=pool_size)
+        self._next_offer = self._next_pool = 0.0
         # (hits, asked) per measurement, for the last `window_queries` queries or so
         self._recent: deque[tuple[int, int]] = deque(maxlen=max(1, window_queries // batch))
         self.hits = self.asked = 0
         self.measured_at = 0.0
 
     def offer(self, users: torch.Tensor) -> None:
-        """A search's users (B, d): one is kept, at most `batch` per `every_s`."""
+        """A search's users (B, d): one is kept for the pool (at most `pool_size` per `every_s`)
+        and for measuring (at most `batch` per `every_s`)."""
         now = time.monotonic()
-        if now < self._next_offer or not len(users):
+        if now < self._next_pool or not len(users):
             return
-        self._next_offer = now + self.every_s / self.batch
-        self._queued.append(users[0].detach().clone())
+        self._next_pool = now + self.every_s / self._pool.maxlen  # type: ignore[operator]
+        user = users[0].detach().clone()
+        self._pool.append(user)
+        if now >= self._next_offer:
+            self._next_offer = now + self.every_s / self.batch
+            self._queued.append(user)
+
+    def pool(self, n: int) -> torch.Tensor | None:
+        """(m, d) the last m <= `n` query vectors requests searched with; None when fewer
+        than `n` // 2 were kept yet."""
+        recent = list(self._pool)[-n:]
+        return torch.stack(recent) if recent and len(recent) >= n // 2 else None
 
     def reset(self) -> None:
         """A new index serves: the window starts again (the run's totals go on)."""

@@ -192,12 +192,12 @@ class ModelHolder:
         window = monitor.window
         metrics.ANN_SERVED_RECALL.set(window)
         if monitor.window_full and window < self.ann_settings.recall - RECALL_SLACK \
-                and not self._ann_misfit:
+                and self._ann_job is None:
             log.warning("the ANN index served recall@10 %.3f over the last %s queries "
-                        "(target %.2f); rebuilding it", window, monitor.window_queries,
+                        "(target %.2f); checking it now", window, monitor.window_queries,
                         self.ann_settings.recall)
-            self._ann_misfit = True  # the next version starts a build; this one serves on
-            monitor.reset()
+            self._ann_started = float("-inf")  # the next version starts a check: more lists
+            monitor.reset()  # searched, or a new index if that is not enough; this one serves on
 
     def _listen(self) -> None:
         """Pub/sub notices wake the loop at once; the poll covers what pub/sub drops."""
@@ -332,7 +332,8 @@ class ModelHolder:
                 self.ann, self._ann_follows = None, None
             if not follows or self._ann_misfit or now - self._ann_started >= want.rebuild_s:
                 check = follows and not self._ann_misfit
-                self._ann_job = _AnnBuild(scorer, want, self.ann if check else None)
+                self._ann_job = _AnnBuild(scorer, want, self.ann if check else None,
+                                          self._tuning_queries(scorer, 200 if not check else 100))
                 self._ann_started = now
         elif job.valid and scorer.changed is not None and job.last() is self.current.scorer:
             job.backlog.append(scorer.changed)  # written into the index once it is built
@@ -429,6 +430,13 @@ class ModelHolder:
                 **self._served_recall(kind),
                 "nprobe": getattr(found, "nprobe", None),
                 "speedup": getattr(found, "speedup", None)}
+
+    def _tuning_queries(self, scorer: Scorer, n: int) -> torch.Tensor:
+        """(m, d) queries to tune or check an index on: the last `n` that requests searched
+        with (the recall monitor's pool), else, before enough traffic, `n` users of random
+        3-item histories."""
+        pooled = self.recall_monitor.pool(n) if self.recall_monitor is not None else None
+        return pooled if pooled is not None else _sampled_users(scorer, n)
 
     def _served_recall(self, kind: str) -> dict[str, Any]:
         """What the recall monitor measured (None before any measurement)."""
@@ -577,7 +585,7 @@ def _table_diff(loaded: LoadedVersion, have: LoadedVersion) -> torch.Tensor | No
     return torch.cat([changed, torch.arange(n, new.shape[0])])
 
 
-def _sampled_users(scorer: Scorer, n: int, seed: int) -> torch.Tensor:
+def _sampled_users(scorer: Scorer, n: int, seed: int = 0) -> torch.Tensor:
     """(n, d) user vectors of histories of 3 items drawn at random from the catalog."""
     picks = np.random.default_rng(seed).integers(0, len(scorer), size=(n, 3)).tolist()
     return scorer.user_vectors([[scorer.names.name(j) for j in p] for p in picks])
@@ -588,13 +596,17 @@ class _AnnBuild:
     changed by the versions served meanwhile (`backlog`), which must be written into it before
     it serves. `valid` turns False when a version is not built from the one before it.
 
+    `queries` (B, d) are the user vectors it is tuned (or checked) on: recent requests' when
+    there were enough (`ModelHolder._tuning_queries`).
+
     With `served`, the index serving now, it is a `check` instead: the thread measures that
-    index on sampled histories of `scorer` (`AnnIndex.refit`) and builds nothing; it is `kept`
+    index on `queries` with `scorer` (`AnnIndex.refit`) and builds nothing; it is `kept`
     if it still prunes well at the target recall, else the holder builds a new one next. A
     k-means over 1M items took a core for 50-190 s (`bench.serving`), so rebuilding every
     `rebuild_s` regardless kept one of the two cores busy much of the time."""
 
-    def __init__(self, scorer: Scorer, want: AnnSettings, served: Any = None) -> None:
+    def __init__(self, scorer: Scorer, want: AnnSettings, served: Any = None,
+                 queries: torch.Tensor | None = None) -> None:
         self.index: Any = None
         self.check = served is not None  # measure `served`, build nothing
         self.kept = False
@@ -604,24 +616,27 @@ class _AnnBuild:
         self.backlog: list[torch.Tensor] = []
         self.last = weakref.ref(scorer)  # the newest Scorer whose changed rows are in backlog
         self.thread = threading.Thread(target=self._check if self.check else self._build,
-                                       args=(scorer, want, served),
+                                       args=(scorer, want, served, queries),
                                        name="ann-build", daemon=True)
         self.thread.start()
 
-    def _check(self, scorer: Scorer, want: AnnSettings, served: Any) -> None:
-        """Measure the served index on histories of `scorer`, the version its rows were last
+    def _check(self, scorer: Scorer, want: AnnSettings, served: Any,
+               queries: torch.Tensor | None) -> None:
+        """Measure the served index on `queries` with `scorer`, the version its rows were last
         written from; the versions swapped in meanwhile wait in `backlog`, so the index does
         not change under the measurement (its searches take no lock)."""
         from service import ann
 
         try:
             t0 = time.monotonic()
-            recall = served.refit(scorer, _sampled_users(scorer, 100, seed=1), want.recall)
+            if queries is None:
+                queries = _sampled_users(scorer, 100, seed=1)
+            recall = served.refit(scorer, queries, want.recall)
             self.kept = recall is not None
             if self.kept:
-                log.info("ANN index kept: recall@10 %.3f at nprobe %s of %s on sampled "
-                         "histories (checked in %.1f s)", recall, served.index.nprobe,
-                         served.nlist, time.monotonic() - t0)
+                log.info("ANN index kept: recall@10 %.3f at nprobe %s of %s on %s queries "
+                         "(checked in %.1f s)", recall, served.index.nprobe,
+                         served.nlist, len(queries), time.monotonic() - t0)
             else:
                 log.info("the ANN index no longer reaches recall@10 %.2f within 1/%s of its "
                          "lists (nprobe, recall: %s); rebuilding it", want.recall, ann.FIT_LISTS,
@@ -630,7 +645,8 @@ class _AnnBuild:
             log.exception("checking the ANN index failed")
             self.kept = True
 
-    def _build(self, scorer: Scorer, want: AnnSettings, served: Any) -> None:
+    def _build(self, scorer: Scorer, want: AnnSettings, served: Any,
+               queries: torch.Tensor | None) -> None:
         from service import ann
 
         try:
@@ -640,12 +656,14 @@ class _AnnBuild:
             t0 = time.monotonic()
             index = ann.AnnIndex(nprobe=want.nprobe, target_recall=want.recall)
             index.build(scorer)
+            if queries is None:
+                queries = _sampled_users(scorer, 200, seed=0)
             if not want.nprobe:
-                index.tune(scorer, _sampled_users(scorer, 200, seed=0))
+                index.tune(scorer, queries)
             log.info("ANN index over %s items built in %.1f s (nlist %s, nprobe %s, recall@10 "
-                     "%.3f on sampled histories, %.1fx the exact scan's speed)", len(scorer),
+                     "%.3f on %s queries, %.1fx the exact scan's speed)", len(scorer),
                      time.monotonic() - t0, index.nlist, index.nprobe,
-                     index.recall or float("nan"), index.speedup or float("nan"))
+                     index.recall or float("nan"), len(queries), index.speedup or float("nan"))
             if index.speedup is not None and index.speedup < want.min_speedup:
                 # the catalog's vectors do not cluster enough for this recall (i.i.d. random
                 # text, say): serve exact, and try again once the catalog has doubled

@@ -337,11 +337,13 @@ def test_an_index_tuned_above_the_check_limit_is_measured_not_condemned() -> Non
     assert index.checked[0][0] == index.nlist // FIT_LISTS + 1
 
 
-def test_served_recall_is_measured_on_served_queries_and_a_stale_index_is_rebuilt() -> None:
-    """Between checks nothing measured what the index served (at 1M items the partition went
-    stale within a minute, unseen). The recall monitor keeps user vectors that requests
-    searched with and measures the served index against the exact scan of the served Scorer;
-    an index that falls short over a whole window is rebuilt (the next version starts it)."""
+def test_served_recall_is_measured_on_served_queries_and_a_stale_index_is_replaced() -> None:
+    """Between checks nothing measured what the index served (at 100k items an index tuned to
+    recall 1.000 on random 3-item histories served 0.90 to the benchmark's users). The recall
+    monitor keeps user vectors that requests searched with and measures the served index
+    against the exact scan of the served Scorer; an index that falls short over a whole window
+    is checked at once, on those queries (more lists, or a new index tuned on them), until
+    what it serves is back at the target."""
     ids, text, table = catalog()
     net = tower()
     names = ItemNames(list(ids), {item: i for i, item in enumerate(ids)}, N)
@@ -354,15 +356,18 @@ def test_served_recall_is_measured_on_served_queries_and_a_stale_index_is_rebuil
     monitor = holder.recall_monitor
     assert served.ann is holder.ann and monitor is not None
 
-    def traffic(scorer: Scorer, rounds: int) -> None:
+    def traffic(scorer: Scorer, rounds: int) -> float:
+        """Served recall measured over `rounds` rounds of requests."""
+        monitor.reset()
+        hits, asked = monitor.hits, monitor.asked
         for r in range(rounds):
             for q in range(monitor.batch):  # each request offers its first user
                 scorer.rank_batch(histories(N, 2, seed=1000 * r + q), 10)
             holder._recall_round()
+        return (monitor.hits - hits) / (monitor.asked - asked)
 
-    traffic(served, rounds=12)
-    assert monitor.window_full and monitor.window >= 0.9, monitor.window
-    assert not holder._ann_misfit
+    assert traffic(served, rounds=12) >= 0.9 and monitor.window_full
+    assert holder._ann_started > float("-inf"), "checked although it serves at its target"
     assert holder.retrieval()["served_recall@10"] == monitor.window
 
     # The model moves every row far from where the lists were drawn (written in place, as
@@ -373,8 +378,25 @@ def test_served_recall_is_measured_on_served_queries_and_a_stale_index_is_rebuil
                            fixed_projection(net, text[torch.randperm(N, generator=gen)]))
     moved = holder._with_ann(moved)
     holder.current = Snapshot(2, None, moved, {})
-    assert moved.ann is holder.ann, "written in place, not rebuilt"
-    traffic(moved, rounds=12)
-    assert holder._ann_misfit, f"served recall {monitor.total} did not trigger a rebuild"
-    assert monitor.total < 0.95
-    print(f"served recall: {monitor.total:.3f} in all, nprobe {moved.ann.nprobe} of {moved.ann.nlist}")
+    stale = moved.ann
+    assert stale is holder.ann, "written in place, not rebuilt"
+    low = traffic(moved, rounds=12)
+    assert low < 0.9 and holder._ann_started == float("-inf"), \
+        f"served recall {low:.3f} did not start a check"
+
+    version, scorer = 2, moved
+    for _ in range(3):  # a check (more lists, or unfit), then a build if needed
+        version += 1
+        row = torch.tensor([version])
+        scorer = holder._with_ann(scorer.updated(net, names, row, torch.randn(1, 64) * 3,
+                                                 fixed_projection(net, text[row])))
+        holder.current = Snapshot(version, None, scorer, {})
+        if holder._ann_job is not None:
+            holder._ann_job.thread.join()
+            holder._adopt_ann()
+        if scorer.ann is not stale or stale.nprobe != stale.tuned_nprobe:
+            break
+    again = traffic(scorer, rounds=12)
+    assert again >= 0.9, f"served recall {again:.3f} after the check, {low:.3f} before"
+    print(f"served recall {low:.3f} stale, {again:.3f} after "
+          f"{'a new index' if scorer.ann is not stale else 'more lists'}")

@@ -247,6 +247,26 @@ def test_a_refused_interval_on_a_stream_that_went_quiet_is_recorded_and_committe
     assert trainer.weights.current() == newest.version
 
 
+def test_snapshots_for_late_joiners_ride_beside_deltas(redis_url, namespace,
+                                                      tiny_encoder) -> None:
+    """After the first version the trainer publishes deltas only; every so often one carries
+    a checkpoint (the whole state) for servers that do not hold its parent. Before, that was a
+    full snapshot, which every following server loaded whole (issue 8: the slowest swap)."""
+    trainer = make_trainer(redis_url, namespace, tiny_encoder, batch_max_events=40,
+                           publish_interval_ms=0, full_every=2)
+    trainer.full_bytes = 0  # a checkpoint as soon as `full_every` allows
+    trainer.add_items(ITEMS)
+    for k in range(6):
+        trainer.on_poll(poll(events(40, 40 * k), 40 * k), now=1.0 + k)
+    store = trainer.weights
+    kinds = [(m.kind, bool(m.checkpoint)) for m in map(store.manifest, store.versions())]
+    assert kinds[0] == ("full", False)
+    assert all(kind == "delta" for kind, _ in kinds[1:]), kinds
+    assert any(ckpt for _, ckpt in kinds[1:]), kinds
+    fresh = store.load(store.current())  # a late joiner, from the newest checkpoint
+    assert fresh.item_ids == trainer.learner.item_ids
+
+
 def test_only_the_lease_holder_publishes_and_a_zombie_cannot(redis_url, namespace,
                                                              tiny_encoder) -> None:
     """Two trainers on one store: the one holding the publisher lease publishes, the other
