@@ -27,6 +27,7 @@ from protocol.errors import FreshrecError
 from protocol.topics import Source
 
 SEEN_READ_MAX = 1_000  # seen ids read per request; beyond that, candidates are checked one by one
+HISTORY_READ_MAX = 200  # newest history items read per request (the model reads 20 by default)
 TEXT_PAGE = 5_000  # text features read per Redis call (7.7 MB of MiniLM features)
 
 
@@ -165,11 +166,13 @@ class FeatureStore:
         return {i for i, stored in zip(values, pipe.execute(), strict=True) if not stored}
 
     # ------------------------------------------------------------------ reads (trainer, service)
-    def user_view(self, user_id: str, seen_max: int = SEEN_READ_MAX) -> UserView:
-        """The history and at most about `seen_max` seen ids, in one round trip: a request's
-        cost does not grow with how much the user has seen."""
+    def user_view(self, user_id: str, seen_max: int = SEEN_READ_MAX,
+                  history_max: int = HISTORY_READ_MAX) -> UserView:
+        """The newest `history_max` history items and at most about `seen_max` seen ids, in one
+        round trip: a request's cost does not grow with how much the user has seen, nor with
+        how long a history the store keeps (`history_len`)."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.lrange(f"{self.ns}:hist:{user_id}", 0, -1)
+        pipe.lrange(f"{self.ns}:hist:{user_id}", -history_max, -1)
         pipe.sscan(f"{self.ns}:seen:{user_id}", 0, count=seen_max)
         hist, (cursor, seen) = pipe.execute()
         return UserView([h.decode() for h in hist], {s.decode() for s in seen},
