@@ -204,7 +204,7 @@ def test_versions_swapped_while_the_index_builds_are_in_it_when_it_serves() -> N
     assert isinstance(served.ann, AnnIndex), "attached once built"
     index = served.ann
     assert index.size == len(served) == N + 3
-    stored = index.index.reconstruct_n(0, index.size)
+    stored = index.index.reconstruct_n(0, index.size)[:, :served.width]  # less the norm column
     assert torch.allclose(torch.from_numpy(stored), torch.from_numpy(_rows(served, 0, len(served))))
     print("rows written after the build (the backlog path):", still_building)
 
@@ -257,7 +257,7 @@ def test_the_index_is_rebuilt_from_a_later_version_and_a_refused_one_is_tried_ag
     assert isinstance(third.ann, AnnIndex) and third.ann is not old
     from service.ann import _rows
 
-    stored = third.ann.index.reconstruct_n(0, third.ann.size)
+    stored = third.ann.index.reconstruct_n(0, third.ann.size)[:, :third.width]
     assert torch.allclose(torch.from_numpy(stored), torch.from_numpy(_rows(third, 0, N)))
     held = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0, rebuild_s=3600.0)
     fourth = next_version(4, held)  # updated in place, not rebuilt
@@ -317,7 +317,7 @@ def test_rows_changed_during_a_check_are_written_into_the_index_after_it() -> No
     holder._adopt_ann()
 
     assert served.ann is index
-    stored = index.index.reconstruct_n(0, index.size)
+    stored = index.index.reconstruct_n(0, index.size)[:, :served.width]
     assert torch.allclose(torch.from_numpy(stored), torch.from_numpy(_rows(served, 0, N)))
 
 
@@ -400,3 +400,20 @@ def test_served_recall_is_measured_on_served_queries_and_a_stale_index_is_replac
     assert again >= 0.9, f"served recall {again:.3f} after the check, {low:.3f} before"
     print(f"served recall {low:.3f} stale, {again:.3f} after "
           f"{'a new index' if scorer.ann is not stale else 'more lists'}")
+
+
+def test_rows_are_stored_at_one_norm_and_inner_products_are_kept() -> None:
+    """`equal_norms`: each row is stored with one more column that brings it to the same norm,
+    each query with a zero there, so every inner product (and the exact top-k) is the model's."""
+    from service.ann import _queries, _rows
+
+    ids, text, table = catalog()
+    scorer, index = with_ann(Scorer(tower(), text, ids, ids=table))
+    stored = index.index.reconstruct_n(0, index.size)
+    norms = (stored ** 2).sum(axis=1) ** 0.5
+    assert stored.shape[1] == scorer.width + 1 and abs(norms - index.cap).max() < 1e-3
+    users = scorer.user_vectors(histories(N, 20, seed=4))
+    q = _queries(scorer, users)
+    assert torch.allclose(torch.from_numpy(index._q(q) @ stored.T),
+                          torch.from_numpy(q @ _rows(scorer, 0, N).T), atol=1e-4)
+    assert index.over_cap == 0
