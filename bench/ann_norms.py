@@ -45,28 +45,10 @@ def user_queries(scorer: Any, n_items: int, n: int, seed: int) -> torch.Tensor:
 
 
 def run(n_items: int, warm: int, step_events: int, steps: int) -> dict[str, Any]:
-    from bench.serving import title_features
-    from consumers.settings import TrainerSettings
-    from consumers.trainer import build_learner
-    from model.events import Interaction
+    from bench.ann_update_recall import learning_catalog
     from service import ann
 
-    torch.set_num_threads(1)
-    learner = build_learner(TrainerSettings(device="cpu", hmac_key="x" * 32))
-    feats = title_features(n_items)
-    learner.set_text_features({str(i): feats[i] for i in range(n_items)}, {})
-    rng = np.random.default_rng(0)
-    clock = [0]
-
-    def learn(n: int) -> None:
-        items = np.minimum(rng.zipf(1.3, size=n), n_items) - 1
-        users = rng.integers(0, 10_000, size=n)
-        events = [Interaction(f"u{u}", str(i), float(clock[0] + t))
-                  for t, (u, i) in enumerate(zip(users, items, strict=True))]
-        clock[0] += n
-        for start in range(0, n, 256):
-            learner.learn(events[start: start + 256])
-
+    learner, learn = learning_catalog(n_items)
     learn(warm)
     scorer = learner.scorer()
     indexes: dict[str, Any] = {}

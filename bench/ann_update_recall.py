@@ -18,19 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 
-def run(n_items: int, steps: int) -> dict:
+def learning_catalog(n_items: int) -> tuple[Any, Callable[[int], None]]:
+    """A real learner (`consumers.trainer.build_learner`, the default linear tower) over
+    `n_items` title-blended items, and `learn(n)`: n more Zipf(1.3) events of 10,000 users in
+    micro-batches of 256 (shared by bench.ann_norms)."""
     from bench.serving import title_features
     from consumers.settings import TrainerSettings
     from consumers.trainer import build_learner
     from model.events import Interaction
-    from service import ann
-    from service.holder import _sampled_users
 
     torch.set_num_threads(1)
     learner = build_learner(TrainerSettings(device="cpu", hmac_key="x" * 32))
@@ -48,6 +51,14 @@ def run(n_items: int, steps: int) -> dict:
         for start in range(0, n, 256):
             learner.learn(events[start: start + 256])
 
+    return learner, learn
+
+
+def run(n_items: int, steps: int) -> dict:
+    from service import ann
+    from service.holder import _sampled_users
+
+    learner, learn = learning_catalog(n_items)
     learn(20_000)
     scorer = learner.scorer()
     index = ann.AnnIndex(target_recall=0.97)
@@ -61,7 +72,7 @@ def run(n_items: int, steps: int) -> dict:
         for seed in (0, 1, 2):
             users = _sampled_users(s, 100, seed=seed)
             served.append(index._recall(s, users, ann._exact_top(s, users, 10), 10))
-            q = ann._queries(s, users)
+            q = index._q(ann._queries(s, users))  # as the index searches (equal norms)
             exact = index._stored_top(q, 10)
             _, got = index.index.search(q, 10)
             own.append(sum(len(set(g.tolist()) & set(e.tolist()))

@@ -337,6 +337,34 @@ def test_an_index_tuned_above_the_check_limit_is_measured_not_condemned() -> Non
     assert index.checked[0][0] == index.nlist // FIT_LISTS + 1
 
 
+def monitored(rebuild_s: float) -> tuple[ModelHolder, Scorer, ItemNames, TwoTower, torch.Tensor]:
+    """A retrieval-only holder serving an index (target recall 0.9) with its recall monitor
+    sampling every search; the served Scorer, its names, tower and text features."""
+    ids, text, table = catalog()
+    net = tower()
+    names = ItemNames(list(ids), {item: i for i, item in enumerate(ids)}, N)
+    holder = retrieval_only(AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0,
+                                        rebuild_s=rebuild_s, recall=0.9, monitor_s=1e-9))
+    served = holder._with_ann(Scorer(net, text, ids, ids=table))
+    holder.current = Snapshot(1, None, served, {})
+    holder._ann_job.thread.join()
+    holder._adopt_ann()
+    assert served.ann is holder.ann and holder.recall_monitor is not None
+    return holder, served, names, net, text
+
+
+def traffic(holder: ModelHolder, scorer: Scorer, rounds: int) -> float:
+    """Served recall the monitor measured over `rounds` rounds of requests."""
+    monitor = holder.recall_monitor
+    monitor.reset()
+    hits, asked = monitor.hits, monitor.asked
+    for r in range(rounds):
+        for q in range(monitor.batch):  # each request offers its first user
+            scorer.rank_batch(histories(N, 2, seed=1000 * r + q), 10)
+        holder._recall_round()
+    return (monitor.hits - hits) / (monitor.asked - asked)
+
+
 def test_served_recall_is_measured_on_served_queries_and_a_stale_index_is_replaced() -> None:
     """Between checks nothing measured what the index served (at 100k items an index tuned to
     recall 1.000 on random 3-item histories served 0.90 to the benchmark's users). The recall
@@ -344,29 +372,9 @@ def test_served_recall_is_measured_on_served_queries_and_a_stale_index_is_replac
     against the exact scan of the served Scorer; an index that falls short over a whole window
     is checked at once, on those queries (more lists, or a new index tuned on them), until
     what it serves is back at the target."""
-    ids, text, table = catalog()
-    net = tower()
-    names = ItemNames(list(ids), {item: i for i, item in enumerate(ids)}, N)
-    holder = retrieval_only(AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0,
-                                        rebuild_s=3600.0, recall=0.9, monitor_s=1e-9))
-    served = holder._with_ann(Scorer(net, text, ids, ids=table))
-    holder.current = Snapshot(1, None, served, {})
-    holder._ann_job.thread.join()
-    holder._adopt_ann()
+    holder, served, names, net, text = monitored(rebuild_s=3600.0)
     monitor = holder.recall_monitor
-    assert served.ann is holder.ann and monitor is not None
-
-    def traffic(scorer: Scorer, rounds: int) -> float:
-        """Served recall measured over `rounds` rounds of requests."""
-        monitor.reset()
-        hits, asked = monitor.hits, monitor.asked
-        for r in range(rounds):
-            for q in range(monitor.batch):  # each request offers its first user
-                scorer.rank_batch(histories(N, 2, seed=1000 * r + q), 10)
-            holder._recall_round()
-        return (monitor.hits - hits) / (monitor.asked - asked)
-
-    assert traffic(served, rounds=12) >= 0.9 and monitor.window_full
+    assert traffic(holder, served, rounds=12) >= 0.9 and monitor.window_full
     assert holder._ann_started > float("-inf"), "checked although it serves at its target"
     assert holder.retrieval()["served_recall@10"] == monitor.window
 
@@ -380,7 +388,7 @@ def test_served_recall_is_measured_on_served_queries_and_a_stale_index_is_replac
     holder.current = Snapshot(2, None, moved, {})
     stale = moved.ann
     assert stale is holder.ann, "written in place, not rebuilt"
-    low = traffic(moved, rounds=12)
+    low = traffic(holder, moved, rounds=12)
     assert low < 0.9 and holder._ann_started == float("-inf"), \
         f"served recall {low:.3f} did not start a check"
 
@@ -396,7 +404,7 @@ def test_served_recall_is_measured_on_served_queries_and_a_stale_index_is_replac
             holder._adopt_ann()
         if scorer.ann is not stale or stale.nprobe != stale.tuned_nprobe:
             break
-    again = traffic(scorer, rounds=12)
+    again = traffic(holder, scorer, rounds=12)
     assert again >= 0.9, f"served recall {again:.3f} after the check, {low:.3f} before"
     print(f"served recall {low:.3f} stale, {again:.3f} after "
           f"{'a new index' if scorer.ann is not stale else 'more lists'}")
@@ -423,20 +431,9 @@ def test_a_served_recall_at_target_stands_for_the_periodic_check() -> None:
     """At 1M items the periodic check (100 exact top-10s over the index's vectors) took 4 s of
     a core inside the benchmark's measured minute. When the recall monitor's window, on served
     queries, is full and at the target, that is the check: none runs."""
-    ids, text, table = catalog()
-    net = tower()
-    names = ItemNames(list(ids), {item: i for i, item in enumerate(ids)}, N)
-    holder = retrieval_only(AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0,
-                                        rebuild_s=0.0, recall=0.9, monitor_s=1e-9))
-    served = holder._with_ann(Scorer(net, text, ids, ids=table))
-    holder.current = Snapshot(1, None, served, {})
-    holder._ann_job.thread.join()
-    holder._adopt_ann()
+    holder, served, names, net, text = monitored(rebuild_s=0.0)
     monitor = holder.recall_monitor
-    for r in range(12):
-        for q in range(monitor.batch):
-            served.rank_batch(histories(N, 2, seed=1000 * r + q), 10)
-        holder._recall_round()
+    traffic(holder, served, rounds=12)
     assert monitor.window_full and monitor.window >= 0.9
     row = torch.tensor([3])
     nxt = holder._with_ann(served.updated(net, names, row, torch.randn(1, 64),
