@@ -39,7 +39,8 @@ class ServiceSettings(CommonSettings):
     ann_recall: float = 0.97  # recall@10 the tuning aims for, on sampled histories
     ann_rebuild_s: float = 300.0  # the index is checked this often; rebuilt if it fits no more
     # served recall@10 measured this often on queries requests searched with (0 = never);
-    # rebuilt when it falls 0.02 below ann_recall over ~100 queries
+    # checked at once (more lists, else rebuilt) when it falls 0.02 below ann_recall over ~100
+    # queries
     ann_monitor_s: float = 10.0
     # from this catalog size, exact top-k of a linear tower's fp32 matrix by faiss's scan,
     # rescored by the model's own columns (same items and scores as torch's scan, 2.2-5.5x
