@@ -884,8 +884,52 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench.quality [--out DIR] [--events N] [--methods a,b,c] ...``."""
+def _configure(parser: argparse.ArgumentParser, args: argparse.Namespace
+               ) -> tuple[list[str], list[str], list[int], QualityConfig]:
+    """The methods (stream and drift), seeds and protocol of a parsed command line; sets up
+    torch and `bench.neural.BASE_CONFIG` (``--encoder``, ``--set`` ...) when any method run,
+    on the stream or on the recurring-drift stream, is neural."""
+    methods = (
+        [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+        else list(DEFAULT_METHODS)
+    )
+    drift_methods = [] if args.no_drift or args.merge else (
+        [m.strip() for m in args.drift_methods.split(",") if m.strip()]
+        if args.drift_methods else [m for m in methods if m != "static"]
+    )
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
+    unknown = [m for m in methods + drift_methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; registered: {', '.join(sorted(METHODS))}")
+    try:
+        cfg = QualityConfig(
+            events=args.events, batch_size=args.batch_size, warmup_passes=args.warmup_passes,
+            window=args.window, seed=args.seed, loo=not args.no_loo, rate=args.rate,
+            ties=args.ties,
+            batch_window_s=args.batch_window_ms / 1000,
+        )  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
+    if any(m in NEURAL_METHODS or m == "static" for m in methods + drift_methods):
+        import torch
+
+        torch.set_num_threads(max(1, args.torch_threads))
+        from bench import neural
+
+        neural.BASE_CONFIG = replace(
+            neural.BASE_CONFIG, encoder_path=args.encoder, policy=args.policy,
+            small_batch=args.small_batch or neural.BASE_CONFIG.small_batch,
+            item_tower=args.item_tower or neural.BASE_CONFIG.item_tower,
+        )
+        try:
+            neural.BASE_CONFIG = replace(neural.BASE_CONFIG, **_overrides(args.set))
+        except (TypeError, ValueError) as exc:
+            parser.error(f"--set: {exc}")
+    return methods, drift_methods, seeds, cfg
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line of `main`."""
     parser = argparse.ArgumentParser(prog="bench.quality", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="bench/out/quality", help="folder for quality.json/.png")
     parser.add_argument("--events", type=int, default=None, help="use only the first N events")
@@ -959,40 +1003,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override a ModelConfig field of the neural methods (repeatable; the value is "
         "parsed as JSON, else kept as a string), e.g. --set history_len=30 --set lr=1e-3",
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.quality [--out DIR] [--events N] [--methods a,b,c] ...``."""
+    parser = _parser()
     args = parser.parse_args(argv)
-
-    methods = (
-        [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
-        else list(DEFAULT_METHODS)
-    )
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}; registered: {', '.join(sorted(METHODS))}")
-    try:
-        cfg = QualityConfig(
-            events=args.events, batch_size=args.batch_size, warmup_passes=args.warmup_passes,
-            window=args.window, seed=args.seed, loo=not args.no_loo, rate=args.rate,
-            ties=args.ties,
-            batch_window_s=args.batch_window_ms / 1000,
-        )  # fmt: skip
-    except ValueError as exc:
-        parser.error(str(exc))
-    if any(m in NEURAL_METHODS or m == "static" for m in methods):
-        import torch
-
-        torch.set_num_threads(max(1, args.torch_threads))
-        from bench import neural
-
-        neural.BASE_CONFIG = replace(
-            neural.BASE_CONFIG, encoder_path=args.encoder, policy=args.policy,
-            small_batch=args.small_batch or neural.BASE_CONFIG.small_batch,
-            item_tower=args.item_tower or neural.BASE_CONFIG.item_tower,
-        )
-        try:
-            neural.BASE_CONFIG = replace(neural.BASE_CONFIG, **_overrides(args.set))
-        except (TypeError, ValueError) as exc:
-            parser.error(f"--set: {exc}")
+    methods, drift_methods, seeds, cfg = _configure(parser, args)
     if args.merge:
         dataset = None
     elif args.synthetic:
@@ -1020,10 +1038,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_drift:
             from bench.drift import collect_drift
 
-            drift_methods = (
-                [m.strip() for m in args.drift_methods.split(",") if m.strip()]
-                if args.drift_methods else [m for m in methods if m != "static"]
-            )
             raw["drift"] = collect_drift(drift_methods, seeds, args.drift_events, cfg, log=log)
         if args.raw_out:
             Path(args.raw_out).parent.mkdir(parents=True, exist_ok=True)

@@ -483,3 +483,26 @@ def test_raw_runs_of_other_methods_merge_too() -> None:
         assert merged["methods"][name]["hr@10_seeds"] == joint["methods"][name]["hr@10_seeds"]
     with pytest.raises(ValueError, match="every method needs every seed"):
         quality.merge_raw([one, quality.collect(ds, ["itemknn"], cfg(loo=False), seeds=[0])])
+
+
+def test_set_reaches_neural_methods_run_on_the_drift_stream_only() -> None:
+    """``--set`` configures the neural methods even when only --drift-methods names one (it
+    used to be applied only when --methods held a neural method, so drift runs silently used
+    the defaults)."""
+    pytest.importorskip("torch")
+    from bench import neural
+
+    saved = neural.BASE_CONFIG
+    try:
+        parser = quality._parser()
+        args = parser.parse_args(["--methods", "popularity", "--drift-methods", "incremental",
+                                  "--set", "lr=0.0042", "--set", "replay_ratio=1.0"])
+        methods, drift_methods, _, _ = quality._configure(parser, args)
+        assert (methods, drift_methods) == (["popularity"], ["incremental"])
+        assert (neural.BASE_CONFIG.lr, neural.BASE_CONFIG.replay_ratio) == (0.0042, 1.0)
+        made = quality.METHODS["incremental"]([], QualityConfig())
+        assert made.cfg.lr == 0.0042  # what the drift run builds
+        with pytest.raises(SystemExit):  # an unknown drift method is refused up front
+            quality._configure(parser, parser.parse_args(["--drift-methods", "nope"]))
+    finally:
+        neural.BASE_CONFIG = saved
