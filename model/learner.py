@@ -109,6 +109,8 @@ class OnlineLearner:
         self._loss_fast = self._loss_slow = None  # EMAs driving the adaptive learning rate
         self.lr_scale = 1.0
         self.anchor: list[torch.Tensor] | None = None
+        self._ema_sum: list[torch.Tensor] | None = None  # anchor="ema": see _move_ema_anchor
+        self._ema_mass = 0.0
         self._published: dict[str, torch.Tensor] | None = None
         self._published_rows = 0  # ID-table rows of the published weights
         self._published_scorer: Scorer | None = None
@@ -422,16 +424,24 @@ class OnlineLearner:
 
     def _move_ema_anchor(self, n: int) -> None:
         """anchor="ema": the anchor trails the weights with a half-life of anchor_halflife
-        events, so it holds what the model knew over a long stretch, not 4 batches ago."""
-        if self.cfg.anchor != "ema":
-            return
-        if self.anchor is None:
-            self.anchor = [p.detach().clone() for p in self._dense]
+        events, so it holds what the model knew over a long stretch, not 4 batches ago.
+
+        It is the bias-corrected average (as Adam's moments): the weights' exponentially
+        weighted sum divided by the weight it has gathered, so the weights the learner started
+        from (a random init, for a new model) count for one step, not for the first half-life:
+        a plain average starting there pulled a learning model back towards them (ML-100K dev
+        HR@10 0.2056 -> 0.2011 at strength 0.1)."""
+        if self.cfg.anchor != "ema" or n <= 0:
             return
         keep = 0.5 ** (n / self.cfg.anchor_halflife)
         with torch.no_grad():
-            for a, p in zip(self.anchor, self._dense, strict=True):
-                a.mul_(keep).add_(p.detach(), alpha=1.0 - keep)
+            if self._ema_sum is None:
+                self._ema_sum = [torch.zeros_like(p) for p in self._dense]
+                self.anchor = [p.detach().clone() for p in self._dense]
+            self._ema_mass = keep * self._ema_mass + (1.0 - keep)
+            for s, a, p in zip(self._ema_sum, self.anchor, self._dense, strict=True):
+                s.mul_(keep).add_(p.detach(), alpha=1.0 - keep)
+                torch.div(s, self._ema_mass, out=a)
 
     def _adapt_lr(self, loss: float, share: float = 1.0) -> None:
         """Loss above its long-run average means drift: learn faster; below it: calm down.

@@ -1,4 +1,4 @@
-"""Keeping Python's cyclic garbage collector out of the request path.
+"""Keeping Python's cyclic garbage collector, and background work, out of the request path.
 
 A full (generation-2) collection walks every container object the process holds, with the GIL
 held: in the API at 100k items, 9 of them took up to 283 ms each during a benchmark run, and every
@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import threading
 import time
 
 log = logging.getLogger("freshrec.runtime")
+# How much nicer than the process background threads run (`background_priority`)
+BACKGROUND_NICE = 10
 
 
 def freeze_long_lived(what: str) -> None:
@@ -26,3 +30,22 @@ def freeze_long_lived(what: str) -> None:
     gc.freeze()
     log.info("froze %d long-lived objects after %s (%.0f ms)", gc.get_freeze_count(), what,
              (time.perf_counter() - t0) * 1e3)
+
+
+def background_priority(nice: int = BACKGROUND_NICE) -> bool:
+    """Run the calling thread `nice` steps nicer than the process (Linux; elsewhere a no-op).
+
+    For a server's work that no request waits on (building and checking the ANN index, the
+    served-recall monitor): on a busy machine the scheduler then gives the request threads a
+    core first (at nice 10 a thread gets ~1/10 of a contended core against nice 0). Linux keeps
+    a nice value per thread, so `setpriority` on the thread's own id touches no other thread.
+    Most of such work runs in faiss or torch with the GIL released; what holds the GIL is
+    short. Returns whether the priority was lowered."""
+    if not hasattr(os, "setpriority"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:
+        return False
+    return True

@@ -26,7 +26,7 @@ from model.serialization import ID_TABLE, WeightsError, check_tensors
 from model.towers import TwoTower
 from protocol.errors import VerificationError
 from protocol.features import FeatureStore, share_text_features
-from protocol.runtime import freeze_long_lived
+from protocol.runtime import background_priority, freeze_long_lived
 from protocol.weights import LoadedVersion, WeightStore
 from service import metrics
 from service.linear import LinearCatalog
@@ -34,7 +34,7 @@ from service.linear import LinearCatalog
 log = logging.getLogger("freshrec.service")
 CATALOG_PAGE = 10_000  # catalog items read from Redis per request
 CATALOG_ROUND_S = 5.0  # the longest one refresh keeps reading a catalog backlog
-FREEZE_ITEMS = 10_000  # catalog items read in one round past which they are frozen (gc)
+FREEZE_ITEMS = 10_000  # catalog items read since the last freeze past which they are frozen (gc)
 RECALL_SLACK = 0.02  # served recall this far below the target, over a full window: rebuild
 RETRY_MAX_S = 300.0  # a version that failed to build is tried again after 1, 2, 4 ... this many s
 
@@ -91,6 +91,7 @@ class ModelHolder:
         self._ann_misfit = False  # the last check found the served index unfit: build anew
         self._ann_job: _AnnBuild | None = None  # an index being built in the background
         self.recall_monitor: Any = None  # service.ann.RecallMonitor, once an index serves
+        self._unfrozen = 0  # catalog items read since the last gc freeze
         self._monitor = threading.Thread(target=self._measure_recall, name="ann-recall",
                                          daemon=True)
         self.features = features
@@ -176,6 +177,7 @@ class ModelHolder:
         """Now and then, the served index's recall@10 on queries requests searched with,
         against the exact scan of the served Scorer (`ann.RecallMonitor`): the figure between
         the index's own checks. An index that falls short over a whole window is rebuilt."""
+        background_priority()
         while not self._stop.wait(self.ann_settings.monitor_s):
             try:
                 self._recall_round()
@@ -510,8 +512,11 @@ class ModelHolder:
         self._unshared |= unshared
         self._catalog_copy = None
         self._linear.items_changed(item.item_id for item in items)
-        if len(items) >= FREEZE_ITEMS:
-            freeze_long_lived(f"{len(items):,} catalog items")
+        # counted across rounds: a bulk load read while it was being written arrives in parts
+        self._unfrozen += len(items)
+        if self._unfrozen >= FREEZE_ITEMS:
+            freeze_long_lived(f"{self._unfrozen:,} catalog items")
+            self._unfrozen = 0
         return True
 
     def _adopt_shared_features(self) -> bool:
@@ -639,6 +644,7 @@ class _AnnBuild:
         not change under the measurement (its searches take no lock)."""
         from service import ann
 
+        background_priority()
         try:
             t0 = time.monotonic()
             if queries is None:
@@ -661,6 +667,7 @@ class _AnnBuild:
                queries: torch.Tensor | None) -> None:
         from service import ann
 
+        background_priority()
         try:
             import faiss
 

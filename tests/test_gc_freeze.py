@@ -9,7 +9,10 @@ the collector's reach (`protocol.runtime.freeze_long_lived`)."""
 from __future__ import annotations
 
 import gc
+import os
+import threading
 
+import pytest
 import redis
 from helpers import client_for, make_items, seed_features, settings, wait_until
 
@@ -40,3 +43,36 @@ def test_startup_and_bulk_catalog_items_are_out_of_the_collectors_reach(
         assert not any(id(holder.current.catalog[item.item_id]) in walked
                        for item in bulk[:: FREEZE_ITEMS // 100])
         assert c.get("/recommend", params={"user_id": "u1"}).status_code == 200
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux's")
+def test_background_priority_lowers_only_the_calling_thread() -> None:
+    """The ANN index's build, check and recall monitor run nicer than the request threads."""
+    from protocol.runtime import BACKGROUND_NICE, background_priority
+
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, int] = {}
+
+    def work() -> None:
+        seen["lowered"] = background_priority()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert seen == {"lowered": True, "nice": min(19, main_nice + BACKGROUND_NICE)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux's")
+def test_the_served_recall_monitor_runs_nicer_than_requests(
+        redis_url: str, namespace: str, tiny_encoder_path: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    seed_features(r, namespace, make_items(5), [])
+    with client_for(settings(redis_url, namespace, tiny_encoder_path)) as c:
+        holder = c.app.state.holder  # type: ignore[attr-defined]
+        monitor = holder._monitor
+        assert monitor.is_alive()
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        wait_until(lambda: os.getpriority(os.PRIO_PROCESS, monitor.native_id) > base)
+        assert os.getpriority(os.PRIO_PROCESS, holder._thread.native_id) == base  # swaps

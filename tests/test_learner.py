@@ -201,8 +201,11 @@ def test_ema_anchor_trails_the_weights_with_its_half_life(tiny_encoder) -> None:
     assert torch.equal(start[0], learner._dense[0].detach())
     learner.mark_published()  # a publish does not move the ema anchor
     assert torch.equal(learner.anchor[0], start[0])
-    learner.learn(stream(100, 100))  # 100 events = one half-life: halfway to the new weights
-    expected = 0.5 * start[0] + 0.5 * learner._dense[0].detach()
+    # 100 events = one half-life. Bias-corrected, the start weighs as one step, not as all of
+    # the past: sum 0.5 w1 -> 0.25 w1 + 0.5 w2 over mass 0.5 -> 0.75, so (w1 + 2 w2) / 3 (the
+    # plain average, which counted the start as a whole past, gave (w1 + w2) / 2)
+    learner.learn(stream(100, 100))
+    expected = (start[0] + 2 * learner._dense[0].detach()) / 3
     assert torch.allclose(learner.anchor[0], expected, atol=1e-6)
     assert float(learner._anchor_penalty()) > 0
     with pytest.raises(ValueError, match="anchor_halflife"):
