@@ -240,11 +240,10 @@ def neural_factories(base: ModelConfig | None = None) -> dict[str, Any]:
     return {
         "incremental": make("incremental"),
         "incremental-no-replay": make("incremental-no-replay", replay=False),
-        "incremental-anchor": make("incremental-anchor", anchor="l2sp"),
+        "incremental-no-anchor": make("incremental-no-anchor", anchor="none"),
+        # the L2-SP anchor to the last publish, at the strength that left HR@10 unchanged
+        "incremental-anchor": make("incremental-anchor", anchor="l2sp", anchor_strength=1e-3),
         "incremental-adaptive-lr": make("incremental-adaptive-lr", adaptive_lr=True),
-        # the anchor redesigned: a slow moving average instead of the last publish (issue 10)
-        "incremental-anchor-ema": make("incremental-anchor-ema", anchor="ema",
-                                       anchor_strength=1e-2),
         "incremental-id-only": make("incremental-id-only", text=False, id_embedding=True),
         # the item tower that was the default until issue 8: every version rebuilds the items
         "incremental-mlp": make("incremental-mlp", item_tower="mlp", temperature=0.1,

@@ -207,9 +207,9 @@ register("river_mf", lambda catalog, cfg: RiverMF(seed=cfg.seed))
 NEURAL_METHODS = (
     "incremental",
     "incremental-no-replay",
-    "incremental-anchor",  # the L2-SP anchor on (off by default)
+    "incremental-no-anchor",  # the ema anchor off (on by default)
+    "incremental-anchor",  # the L2-SP anchor to the last publish instead of the ema one
     "incremental-adaptive-lr",  # the adaptive lr on (off by default)
-    "incremental-anchor-ema",  # the anchor toward a slow moving average (opt-in)
     "incremental-id-only",
     "incremental-mlp",  # the mlp item tower (the default before the linear one)
     "retrain",

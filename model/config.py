@@ -109,13 +109,18 @@ class ModelConfig:
     replay: bool = True  # mix past events from a reservoir into each micro-batch
     replay_size: int = 20_000  # reservoir capacity (events)
     replay_ratio: float = 0.5  # replayed events per fresh event
-    # Pull dense weights towards the last published version: l2sp | none. Off by default: at
-    # this strength it left HR@10 identical to four decimals on the ML-100K dev split (0.1996
-    # with and without at 20 events/s), so it guarded nothing (bench/RESULTS.md)
-    # "ema" (issue 10, opt-in): towards a slow moving average of the weights instead, half-life
-    # anchor_halflife events
-    anchor: str = "none"
-    anchor_strength: float = 1e-3  # coefficient of the squared distance to the anchor
+    # Pull the dense weights towards an anchor: ema | l2sp | none. "ema" (the default since
+    # issue 10): towards the bias-corrected moving average of the weights, half-life
+    # anchor_halflife events, so a regime the stream leaves for a while is still there when it
+    # comes back. Recurring-drift stream (A -> B -> A), dev seeds 100-102, relative drop of
+    # the A probes' HR@10 after B: none 38%, strength 0.01 21%, 0.05 7%, 0.1 4%, 0.3 2% (at
+    # 0.3 learning B fell 0.098 -> 0.086); at 0.1 the second A scored 0.243 against 0.208
+    # and B was unchanged. Its cost: ML-100K dev HR@10 -1.5% [-2.2%, -0.7%] (0.2056 ->
+    # 0.2025, 3 seeds), a stream with no regime to come back to (bench/RESULTS.md, "Forgetting
+    # under recurring drift"). "l2sp": towards the last published version; at strength 1e-3
+    # it left HR@10 identical to four decimals on the ML-100K dev split: it guarded nothing
+    anchor: str = "ema"
+    anchor_strength: float = 0.1  # coefficient of the squared distance to the anchor
     anchor_halflife: float = 20_000.0  # ema: events for the average to move halfway
     # Scale the lr by recent loss drift (up on drift, down when calm). Off by default: after the
     # warm-up the loss falls, so it mostly slowed learning down. ML-100K dev split HR@10 off / on:

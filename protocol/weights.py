@@ -329,17 +329,23 @@ class WeightStore:
         ckpt = None if checkpoint is None else {
             "sha256": hashlib.sha256(checkpoint).hexdigest(), "size": len(checkpoint),
             "chunks": len(ckpt_chunks)}
-        manifest = Manifest(version, parent_m.version if parent_m else None, kind, config, encoder,
-                            hashlib.sha256(blob).hexdigest(), len(blob), len(chunks), time.time(),
-                            trained_through, parent_digest=parent_m.digest() if parent_m else None,
-                            epoch=epoch, checkpoint=ckpt).sign(self.key)
+        digest = hashlib.sha256(blob).hexdigest()
         pipe = self.r.pipeline(transaction=False)
         for i, chunk in enumerate(chunks):
             pipe.set(f"{self.ns}:v:{version}:blob:{i}", chunk, nx=True)
         for i, chunk in enumerate(ckpt_chunks):
             pipe.set(f"{self.ns}:v:{version}:ckpt:{i}", chunk, nx=True)
-        pipe.set(f"{self.ns}:v:{version}:manifest", json.dumps(asdict(manifest)), nx=True)
-        if not all(pipe.execute()):
+        # The bytes first, then the manifest that names them (a reader that finds the manifest
+        # finds its bytes), stamped when they are stored: `created_at` is the moment the version
+        # is in Redis, so a server's swap delay does not count the trainer's writes (a 1M-item
+        # checkpoint takes a while); freshness, from the events' production, still does.
+        written = all(pipe.execute())
+        manifest = Manifest(version, parent_m.version if parent_m else None, kind, config, encoder,
+                            digest, len(blob), len(chunks), time.time(), trained_through,
+                            parent_digest=parent_m.digest() if parent_m else None,
+                            epoch=epoch, checkpoint=ckpt).sign(self.key)
+        if not (written and self.r.set(f"{self.ns}:v:{version}:manifest",
+                                       json.dumps(asdict(manifest)), nx=True)):
             raise WeightsError(f"version {version} already exists; versions are immutable")
         if not self._fenced(lease, lambda pipe: self._point(pipe, version)):
             self.r.delete(*self._keys(version, len(chunks), len(ckpt_chunks)))

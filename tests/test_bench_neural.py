@@ -33,7 +33,7 @@ def tiny_base(tiny_encoder_path: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 def test_every_neural_method_is_registered() -> None:
     assert set(NAMES) <= set(quality.METHODS)
-    assert {"incremental-no-replay", "incremental-anchor", "incremental-adaptive-lr",
+    assert {"incremental-no-replay", "incremental-no-anchor", "incremental-anchor", "incremental-adaptive-lr",
             "incremental-id-only", "retrain"} <= set(NAMES)
 
 

@@ -8,6 +8,7 @@ synthetic tables."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
 import pytest
@@ -103,3 +104,40 @@ def test_a_checkpoint_whose_bytes_do_not_match_is_refused(redis_url: str,
     with pytest.raises(VerificationError) as err:
         store.load(versions[4].version)
     assert err.value.reason == "bad_sha256"
+
+
+class _StampedRedis(redis.Redis):
+    """A real Redis connection that notes when a pipeline writing a version's bytes finished:
+    `stored_at[version]`."""
+
+    stored_at: dict[int, float]
+
+    def pipeline(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        pipe = super().pipeline(*args, **kwargs)
+        execute, stamps = pipe.execute, self.stored_at
+
+        def timed(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            keys = [str(c[0][1]) for c in pipe.command_stack if len(c[0]) > 1]
+            out = execute(*a, **kw)
+            for key in keys:
+                if ":blob:" in key or ":ckpt:" in key:
+                    stamps[int(key.split(":v:")[1].split(":")[0])] = time.time()
+            return out
+
+        pipe.execute = timed
+        return pipe
+
+
+def test_created_at_is_when_the_versions_bytes_are_in_redis(redis_url: str, namespace: str
+                                                            ) -> None:
+    """A server's swap delay runs from `created_at`: stamped before the blob and checkpoint
+    were written, it counted the trainer's writes of a large checkpoint as the server's."""
+    r = _StampedRedis.from_url(redis_url)
+    r.stored_at = {}
+    store = WeightStore(r, KEY, namespace, keep=100)
+    versions, _ = chain_of(store, 2, ckpt_at={2})
+    assert sorted(r.stored_at) == [m.version for m in versions]
+    for m in versions:
+        assert m.created_at >= r.stored_at[m.version], f"version {m.version} stamped early"
+    loaded = store.load(versions[2].version)
+    assert loaded.manifest.created_at == versions[2].created_at  # signed as stored
