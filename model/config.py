@@ -113,9 +113,9 @@ class ModelConfig:
     # issue 10): towards the bias-corrected moving average of the weights, half-life
     # anchor_halflife events, so a regime the stream leaves for a while is still there when it
     # comes back. Recurring-drift stream (A -> B -> A), dev seeds 100-102, relative drop of
-    # the A probes' HR@10 after B: none 38%, strength 0.01 21%, 0.05 7%, 0.1 4%, 0.3 2% (at
-    # 0.3 learning B fell 0.098 -> 0.086); at 0.1 the second A scored 0.243 against 0.208
-    # and B was unchanged. Its cost: ML-100K dev HR@10 -1.5% [-2.2%, -0.7%] (0.2056 ->
+    # the A probes' HR@10 after B: none 38%, strength 0.05 7%, 0.1 4%, 0.3 5% (at 0.3
+    # learning B fell 0.098 -> 0.086; 0.01, without the bias correction, 21%); at 0.1 the
+    # second A scored 0.243 against 0.208 and B was unchanged. Its cost: ML-100K dev HR@10 -1.5% [-2.2%, -0.7%] (0.2056 ->
     # 0.2025, 3 seeds), a stream with no regime to come back to (bench/RESULTS.md, "Forgetting
     # under recurring drift"). "l2sp": towards the last published version; at strength 1e-3
     # it left HR@10 identical to four decimals on the ML-100K dev split: it guarded nothing

@@ -76,3 +76,23 @@ def test_the_served_recall_monitor_runs_nicer_than_requests(
         base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         wait_until(lambda: os.getpriority(os.PRIO_PROCESS, monitor.native_id) > base)
         assert os.getpriority(os.PRIO_PROCESS, holder._thread.native_id) == base  # swaps
+
+
+def test_catalog_items_read_over_several_rounds_are_frozen_too(
+        redis_url: str, namespace: str, tiny_encoder_path: str) -> None:
+    """A bulk load read while it is being written arrives over several rounds, none of them
+    FREEZE_ITEMS long: the items count towards a freeze across rounds (they were never frozen)."""
+    r = redis.Redis.from_url(redis_url)
+    fs = seed_features(r, namespace, make_items(5), [])
+    half = FREEZE_ITEMS // 2 + 1
+    with client_for(settings(redis_url, namespace, tiny_encoder_path)) as c:
+        holder = c.app.state.holder  # type: ignore[attr-defined]
+        wait_until(lambda: len(holder.current.catalog) == 5, 10, "the first catalog")
+        parts = [make_items(half, prefix=f"part{k}-") for k in range(2)]
+        for k, part in enumerate(parts):
+            fs.upsert_items(part)
+            wait_until(lambda k=k: len(holder.current.catalog) == 5 + (k + 1) * half, 60,
+                       f"part {k}")
+        walked = collectable()
+        assert not any(id(holder.current.catalog[item.item_id]) in walked
+                       for part in parts for item in part[:: half // 50])
