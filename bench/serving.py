@@ -262,6 +262,20 @@ def closed_loop(base: str, seconds: float, connections: int, out: Path) -> dict[
     return {"rps": count[0] / seconds, "errors": float(errs[0]), "client": 1.0}
 
 
+def nicer(pid: int, nice: int) -> None:
+    """Lower every thread of process `pid` `nice` steps (Linux keeps a nice value per thread;
+    threads it starts later inherit their creator's)."""
+    if not nice:
+        return
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(task.name)
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + nice))
+        except OSError:
+            pass  # the thread ended
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -347,6 +361,7 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
            # two cores: one for the trainer's torch, one for the API (it uses one thread)
            "FRESHREC_TORCH_THREADS": os.environ.get("FRESHREC_TORCH_THREADS", "1")}
     procs = [start_tansu(kport, logs / "tansu.log")]
+    nicer(procs[0].pid, args.nice)
     from protocol.topics import ensure_topics
 
     ensure_topics(env["FRESHREC_KAFKA_BOOTSTRAP"], ["freshrec.interactions", "freshrec.items",
@@ -362,6 +377,8 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         proc = subprocess.Popen([sys.executable, *argv_], env=env, cwd=ROOT,
                                 stdout=(logs / f"{name}-{n}.log").open("wb"),
                                 stderr=subprocess.STDOUT)
+        if name != "api":
+            nicer(proc.pid, args.nice)
         procs.append(proc)
         api = proc if name == "api" else api
     assert api is not None
@@ -407,6 +424,8 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
             return {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(name)}
 
         fresh = delta("freshrec_freshness_seconds_bucket")
+        handled = {k: v for k, v in delta("freshrec_http_request_duration_seconds_bucket").items()
+                   if 'route="/recommend"' in k and 'method="GET"' in k and 'status="200"' in k}
         swap = delta("freshrec_swap_delay_seconds_bucket")
         # closed loop, trainer idle (its backlog drained first)
         tm = f"http://127.0.0.1:{tport}/metrics"
@@ -476,6 +495,11 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
                             "p99": q(fresh, "freshrec_freshness_seconds", 0.99),
                             "samples": max(fresh.values()) if fresh else 0},
             "recommend_ms": latency(results), "swaps": swaps,
+            # inside the API, from its middleware's histogram (coarse buckets): what the client
+            # saw beyond this waited in a socket, a queue or for a core
+            "recommend_server_ms": {
+                "p50": q(handled, "freshrec_http_request_duration_seconds", 0.5, 1e3),
+                "p99": q(handled, "freshrec_http_request_duration_seconds", 0.99, 1e3)},
             "swap_ms": {"p50": q(swap, "freshrec_swap_delay_seconds", 0.5, 1e3),
                         "p99": q(swap, "freshrec_swap_delay_seconds", 0.99, 1e3)},
             "trainer_events_per_s": intake, "trainer_drain_events_per_s": drain, "max_rps": closed["rps"],
@@ -525,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the API's FRESHREC_ANN_MONITOR_S: 8 served queries' recall measured "
                          "this often (default 10 s in production; 5 s here: ~96 queries in a "
                          "60 s open loop, one exact scan of 8 queries every 5 s)")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run the trainer, the features consumer and the broker this many steps "
+                         "nicer than the API (0: all alike)")
     ap.add_argument("--ready-s", type=float, default=1200)
     ap.add_argument("--drain-s", type=float, default=60,
                     help="at most this long waiting for the trainer's backlog before max rps")
@@ -586,6 +613,8 @@ def report(runs: list[dict], out: Path, args: argparse.Namespace) -> None:
                 ("/recommend p50 / p99 (ms)", f"{run['recommend_ms']['p50']:.1f} / "
                  f"{run['recommend_ms']['p99']:.1f}", f"{fl['p50']:.1f} / {fl['p99']:.1f}",
                  "p99 <= 25"),
+                ("  inside the API p50 / p99 (ms)", _pair(run.get("recommend_server_ms")), "-",
+                 ""),
                 ("failed requests / swaps", f"{run['failed']} / {run['swaps']}", "-", "0"),
                 ("version in Redis -> served p50 / p99 (ms)", f"{run['swap_ms']['p50']:.0f} / "
                  f"{run['swap_ms']['p99']:.0f}", "-", "<= 50 (100k), 100 (1M)"),
@@ -602,6 +631,10 @@ def report(runs: list[dict], out: Path, args: argparse.Namespace) -> None:
         print(f"{'what':<42}{'freshrec':>20}{'floor':>20}   goal")
         for what, got, floor, goal in rows:
             print(f"{what:<42}{got:>20}{floor:>20}   {goal}")
+
+
+def _pair(q: dict | None) -> str:
+    return "-" if not q else f"{q['p50']:.1f} / {q['p99']:.1f}"
 
 
 def _num(x: float | None) -> str:
