@@ -463,7 +463,17 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         sampler = CpuSampler({"broker": procs[0].pid, "features": procs[1].pid,
                               "trainer": procs[2].pid, "api": api.pid, "bench": os.getpid()})
         sampler.start()
+        spy = None
+        if args.py_spy:  # what the API's threads spend their CPU on during the open loop
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking",
+                 "--threads", "--rate", "200", "--format", "raw", "--duration",
+                 str(int(args.seconds)), "--pid", str(api.pid), "--output",
+                 str(logs / f"api-profile-{n}.txt")],
+                stdout=subprocess.DEVNULL, stderr=(logs / "py-spy.log").open("wb"))
         load(base, args.qps, args.seconds, results)
+        if spy is not None:
+            spy.wait(timeout=60)
         sampler.stop.set()
         sampler.join()
         (logs / f"cpu-{n}.json").write_text(json.dumps(sampler.samples))
@@ -609,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=0,
                     help="run the trainer, the features consumer and the broker this many steps "
                          "nicer than the API (0: all alike)")
+    ap.add_argument("--py-spy", action="store_true",
+                    help="record the API's stacks (py-spy, --nonblocking, 200 Hz) during the "
+                         "open loop into DIR/serving-logs/api-profile-N.txt (collapsed stacks)")
     ap.add_argument("--ready-s", type=float, default=1200)
     ap.add_argument("--drain-s", type=float, default=60,
                     help="at most this long waiting for the trainer's backlog before max rps")

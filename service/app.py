@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -205,6 +206,8 @@ async def _reply(send: Send, status: int, detail: str) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServiceSettings = app.state.settings
     torch.set_num_threads(settings.torch_threads)
+    switch_s = sys.getswitchinterval()  # process-wide: put back at shutdown (tests run many apps)
+    sys.setswitchinterval(settings.gil_switch_ms / 1000)
     if not log.handlers:  # uvicorn configures its own loggers only
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
@@ -235,6 +238,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     holder.stop()
     app.state.producer.close()
+    sys.setswitchinterval(switch_s)
 
 
 def _finite(value: object) -> object:

@@ -342,3 +342,18 @@ def test_dependencies_take_no_thread_pool_round_trip() -> None:
                 checked += 1
                 assert inspect.iscoroutinefunction(call), f"{route.path}: {call.__name__}"
     assert checked >= 10
+
+
+def test_gil_switch_interval_is_the_servers_while_it_runs(redis_url: str, namespace: str,
+                                                          tiny_encoder_path: str) -> None:
+    """FRESHREC_GIL_SWITCH_MS is applied for the server's lifetime and put back after it (the
+    interval is process-wide: tests and embedding programs run more than one app)."""
+    import sys
+
+    before = sys.getswitchinterval()
+    with client_for(settings(redis_url, namespace, tiny_encoder_path, gil_switch_ms=0.5)) as c:
+        assert c.get("/healthz").status_code in (200, 503)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    assert sys.getswitchinterval() == pytest.approx(before)
+    with pytest.raises(ValueError, match="gil_switch_ms"):
+        settings(redis_url, namespace, tiny_encoder_path, gil_switch_ms=0)
