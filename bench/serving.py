@@ -164,6 +164,27 @@ class Producer(threading.Thread):
 
 def load(base: str, qps: float, seconds: float, results: list) -> None:  # noqa: ANN001
     """Open-loop GETs on a fixed schedule: latency counts from the scheduled send time.
+    `results` gets (scheduled monotonic time, latency s, status, version served) per request.
+
+    The client runs in a process of its own (`_open_loop`): in this one, the producer's thread
+    (kafka-python, 500 events/s) and the CPU sampler share its GIL, and a client that stalls
+    sends late, then in a burst, and both count as the server's latency."""
+    import multiprocessing
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "open-loop.json"
+        child = multiprocessing.get_context("spawn").Process(
+            target=_open_loop, args=(base, qps, seconds, str(path)), name="open-loop")
+        child.start()
+        child.join(seconds + 600)
+        if child.exitcode != 0:
+            raise SystemExit(f"the open-loop client failed (exit code {child.exitcode})")
+        results += [tuple(r) for r in json.loads(path.read_text())]
+
+
+def _open_loop(base: str, qps: float, seconds: float, out: str) -> None:
+    """`load`'s client, in its own process; writes its results to `out` (JSON).
 
     asyncio over raw keep-alive sockets (`bench.rawhttp`), not an HTTP client library in
     threads: at 200 req/s 16 httpx threads took a sizeable share of the two cores the server
@@ -175,13 +196,15 @@ def load(base: str, qps: float, seconds: float, results: list) -> None:  # noqa:
     One dispatcher starts each request at its time; only requests in flight exist as tasks.
     (It used to create every request's task up front, each sleeping until its time: 12,000 of
     them took the client over half a second of a core on the busy machine, and the first
-    requests, sent late, counted that as the server's latency: p99 85 -> ms, see RESULTS.md.)"""
+    requests, sent late, counted that as the server's latency; bench/RESULTS.md, "Issue 8,
+    session 11".)"""
     import asyncio
 
     from bench.rawhttp import KeepAlivePool, model_version
 
     rng = random.Random(3)
     users = [f"u{rng.randrange(10_000)}" for _ in range(int(qps * seconds))]
+    results: list = []
 
     async def run() -> None:
         pool = KeepAlivePool(base, MAX_CONNECTIONS)
@@ -204,6 +227,7 @@ def load(base: str, qps: float, seconds: float, results: list) -> None:  # noqa:
         pool.close()
 
     asyncio.run(run())
+    Path(out).write_text(json.dumps(results))
 
 
 MAX_CONNECTIONS = 2048
@@ -301,6 +325,10 @@ class CpuSampler(threading.Thread):
 
     def _read(self) -> dict[str, float]:
         out: dict[str, float] = {}
+        known = set(self.pids.values())
+        for child in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split():
+            if int(child) not in known:  # the open-loop client, once started
+                self.pids.setdefault("client", int(child))
         for name, pid in self.pids.items():
             for task in Path(f"/proc/{pid}/task").glob("*"):
                 try:
@@ -460,8 +488,11 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         results: list = []
         recall0 = httpx.get(f"{base}/status", timeout=120).json().get("retrieval") or {}
         wall = time.time() - time.monotonic()  # monotonic -> wall clock, to match the logs
+        redis_pid = subprocess.run(["pgrep", "-o", "-x", "redis-server"], capture_output=True,
+                                   text=True).stdout.split()
         sampler = CpuSampler({"broker": procs[0].pid, "features": procs[1].pid,
-                              "trainer": procs[2].pid, "api": api.pid, "bench": os.getpid()})
+                              "trainer": procs[2].pid, "api": api.pid, "bench": os.getpid(),
+                              **({"redis": int(redis_pid[0])} if redis_pid else {})})
         sampler.start()
         spy = None
         if args.py_spy:  # what the API's threads spend their CPU on during the open loop
@@ -482,6 +513,8 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
             [(round(r[0] + wall, 4), round(r[1] * 1e3, 2), r[2], r[3]) for r in results]))
         recall1 = httpx.get(f"{base}/status", timeout=120).json().get("retrieval") or {}
         after = _metrics(f"{base}/metrics")
+        (logs / f"api-metrics-{n}.txt").write_text(  # the run's counters, for whoever digs
+            httpx.get(f"{base}/metrics", timeout=120).text)
         swaps = httpx.get(f"{base}/model", timeout=120).json()["swaps"] - swaps0
         rss = rss_mb(api.pid)
         warm.stop.set()

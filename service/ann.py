@@ -214,9 +214,17 @@ class AnnIndex:
         old = rows[rows < self.size]
         x_new = self._stored(_rows(scorer, self.size, len(scorer)))
         x_old = self._stored(_take(scorer, old))
+        ids = np.ascontiguousarray(old.numpy(), dtype=np.int64)
+        if len(ids):  # What `update_vectors` does, with its costly part (finding each row's
+            # list: ~6 ms for 300 rows at 100k items) before the lock: searches only read the
+            # centroids. Under it faiss moves the rows' codes (an IVFFlat code is the row).
+            lists = np.ascontiguousarray(self.quantizer.assign(x_old, 1).ravel(), np.int64)
+            codes = np.ascontiguousarray(x_old, dtype=np.float32).view(np.uint8)
+        swig_ptr = self._faiss.swig_ptr
         with self.lock:
-            if len(old):
-                self.index.update_vectors(old.numpy().astype(np.int64), x_old)
+            if len(ids):
+                self.index.direct_map.update_codes(self.index.invlists, len(ids), swig_ptr(ids),
+                                                   swig_ptr(lists), swig_ptr(codes))
             if len(x_new):
                 self.index.add(x_new)
             self.size = len(scorer)

@@ -440,3 +440,45 @@ def test_a_served_recall_at_target_stands_for_the_periodic_check() -> None:
                                           fixed_projection(net, text[row])))
     assert holder._ann_job is None and holder.ann_checks == 1, "a check ran all the same"
     assert nxt.ann is holder.ann
+
+
+def test_rows_written_with_their_lists_found_outside_the_lock_equal_update_vectors() -> None:
+    """`AnnIndex.update` finds the changed rows' lists before it takes the search lock and
+    moves their codes under it: the index must end up exactly as faiss's `update_vectors`
+    (assignment and move in one call, under the lock) leaves it, appended rows included."""
+    import faiss
+    import numpy as np
+
+    from service.ann import _queries, _take
+
+    ids, text, table = catalog(N + 16)
+    net = tower()
+    scorer = Scorer(net, text[:N], list(ids[:N]), ids=table[:N])
+    ours, theirs = AnnIndex(nlist=32), AnnIndex(nlist=32)
+    ours.build(scorer)
+    theirs.build(scorer)
+    table = table.clone()
+    gen = torch.Generator().manual_seed(5)
+    touched = torch.randint(N, (300,), generator=gen).unique()
+    table[touched] = torch.randn(len(touched), 64, generator=gen)  # most rows change lists
+    rows = torch.cat([touched, torch.arange(N, N + 16)])
+    names = ItemNames(ids, {item: j for j, item in enumerate(ids)}, N + 16)
+    nxt = scorer.updated(net, names, rows, table[rows], fixed_projection(net, text[rows]))
+    ours.update(nxt, nxt.changed)
+    theirs.index.update_vectors(touched.numpy().astype(np.int64), theirs._stored(_take(nxt, touched)))
+    theirs.index.add(theirs._stored(_take(nxt, torch.arange(N, N + 16))))
+    moved = 0
+    for lst in range(32):
+        a, b = ours.index.invlists, theirs.index.invlists
+        assert a.list_size(lst) == b.list_size(lst)
+        n, w = a.list_size(lst), ours.index.d
+        got = faiss.rev_swig_ptr(a.get_ids(lst), n).copy()
+        want = faiss.rev_swig_ptr(b.get_ids(lst), n).copy()
+        assert got.tolist() == want.tolist()
+        assert np.array_equal(faiss.rev_swig_ptr(a.get_codes(lst), n * w * 4),
+                              faiss.rev_swig_ptr(b.get_codes(lst), n * w * 4))
+        moved += n
+    assert moved == N + 16 and ours.index.ntotal == N + 16
+    q = ours._q(_queries(nxt, nxt.user_vectors(histories(N, 20, seed=1))))
+    ours.index.nprobe = theirs.index.nprobe = 4
+    assert np.array_equal(ours.index.search(q, 10)[1], theirs.index.search(q, 10)[1])
