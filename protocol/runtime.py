@@ -17,8 +17,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 log = logging.getLogger("freshrec.runtime")
+T = TypeVar("T")
 # How much nicer than the process background threads run (`background_priority`)
 BACKGROUND_NICE = 10
 
@@ -35,12 +38,14 @@ def freeze_long_lived(what: str) -> None:
 def background_priority(nice: int = BACKGROUND_NICE) -> bool:
     """Run the calling thread `nice` steps nicer than the process (Linux; elsewhere a no-op).
 
-    For a server's work that no request waits on (building and checking the ANN index, the
-    served-recall monitor): on a busy machine the scheduler then gives the request threads a
-    core first (at nice 10 a thread gets ~1/10 of a contended core against nice 0). Linux keeps
-    a nice value per thread, so `setpriority` on the thread's own id touches no other thread.
-    Most of such work runs in faiss or torch with the GIL released; what holds the GIL is
-    short. Returns whether the priority was lowered."""
+    Only for work that holds the GIL for no more than moments (a k-means inside faiss): on a
+    busy machine the scheduler then gives the request threads a core first (at nice 10 a thread
+    gets ~1/10 of a contended core against nice 0). A niced thread that runs Python code is
+    preempted while it holds the GIL and the request threads wait until it runs again (the ANN
+    index's check and the recall monitor, niced, stalled requests up to ~230 ms at 100k items:
+    bench/RESULTS.md, "Issue 8, session 11"); use `run_nicer` for such a part of a longer job.
+    Linux keeps a nice value per thread, so `setpriority` on the thread's own id touches no
+    other thread, and an unprivileged thread cannot undo it. Returns whether it was lowered."""
     if not hasattr(os, "setpriority"):
         return False
     try:
@@ -49,3 +54,25 @@ def background_priority(nice: int = BACKGROUND_NICE) -> bool:
     except OSError:
         return False
     return True
+
+
+def run_nicer(fn: Callable[[], T], nice: int = BACKGROUND_NICE) -> T:
+    """`fn()` on a thread of its own, `nice` steps nicer than the process (`background_priority`),
+    its result returned or its exception raised here: the caller's own priority stays as it is
+    (a thread cannot raise its priority back without privileges)."""
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def work() -> None:
+        background_priority(nice)
+        try:
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+            err.append(exc)
+
+    worker = threading.Thread(target=work, name=f"{threading.current_thread().name}-nicer")
+    worker.start()
+    worker.join()
+    if err:
+        raise err[0]
+    return out[0]

@@ -26,7 +26,7 @@ from model.serialization import ID_TABLE, WeightsError, check_tensors
 from model.towers import TwoTower
 from protocol.errors import VerificationError
 from protocol.features import FeatureStore, share_text_features
-from protocol.runtime import background_priority, freeze_long_lived
+from protocol.runtime import freeze_long_lived, run_nicer
 from protocol.weights import LoadedVersion, WeightStore
 from service import metrics
 from service.linear import LinearCatalog
@@ -176,8 +176,9 @@ class ModelHolder:
     def _measure_recall(self) -> None:
         """Now and then, the served index's recall@10 on queries requests searched with,
         against the exact scan of the served Scorer (`ann.RecallMonitor`): the figure between
-        the index's own checks. An index that falls short over a whole window is rebuilt."""
-        background_priority()
+        the index's own checks. An index that falls short over a whole window is rebuilt.
+        At the request threads' priority: it runs Python code between its scans (see
+        `background_priority`)."""
         while not self._stop.wait(self.ann_settings.monitor_s):
             try:
                 self._recall_round()
@@ -641,10 +642,10 @@ class _AnnBuild:
                queries: torch.Tensor | None) -> None:
         """Measure the served index on `queries` with `scorer`, the version its rows were last
         written from; the versions swapped in meanwhile wait in `backlog`, so the index does
-        not change under the measurement (its searches take no lock)."""
+        not change under the measurement (its searches take no lock). At the request
+        threads' priority, as the recall monitor."""
         from service import ann
 
-        background_priority()
         try:
             t0 = time.monotonic()
             if queries is None:
@@ -667,14 +668,17 @@ class _AnnBuild:
                queries: torch.Tensor | None) -> None:
         from service import ann
 
-        background_priority()
         try:
             import faiss
 
-            faiss.omp_set_num_threads(1)  # k-means on one core: the other serves requests
             t0 = time.monotonic()
             index = ann.AnnIndex(nprobe=want.nprobe, target_recall=want.recall)
-            index.build(scorer)
+
+            def kmeans() -> None:  # minutes at 1M items, inside faiss with the GIL released:
+                faiss.omp_set_num_threads(1)  # nicer than requests, on one core
+                index.build(scorer)
+
+            run_nicer(kmeans)  # the tuning after it runs Python code: at this thread's priority
             if queries is None:
                 queries = _sampled_users(scorer, 200, seed=0)
             if not want.nprobe:
