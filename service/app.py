@@ -235,7 +235,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("redis unavailable at startup (%s); will keep trying", exc)
     freeze_long_lived("startup")
     holder.start()
-    yield
+    with metrics.GcPauses():
+        yield
     holder.stop()
     app.state.producer.close()
     sys.setswitchinterval(switch_s)

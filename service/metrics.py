@@ -9,7 +9,9 @@ tests/test_metrics_processes.py holds the entry points to this.
 
 from __future__ import annotations
 
+import gc
 import math
+import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -38,6 +40,31 @@ ANN_SERVED_RECALL = Gauge(
     "recall@10 of the ANN index on queries requests searched with, against the exact scan of "
     "the served version (a rolling window of about 100 queries; sampled every 10 s).")
 VERSION = Gauge("freshrec_model_version", "The version being served (0 = none yet).")
+GC_PAUSE = Histogram(
+    "freshrec_gc_pause_seconds",
+    "Python's cyclic garbage collections in the API, by generation: each holds the GIL, so "
+    "every request waits it out.", ["generation"],
+    buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5))
+
+
+class GcPauses:
+    """Times the collector's runs into GC_PAUSE while installed (`gc.callbacks`)."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - self._start)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
 
 
 def histogram_quantile(q: float, hist: Histogram) -> float | None:

@@ -318,6 +318,13 @@ def test_metrics(served: Served) -> None:
                             text))
     assert {"/recommend", "/metrics"} <= labels, labels
     assert not [x for x in labels if "?" in x or "u1" in x], labels
+    # the collector's pauses, timed while the server runs (each holds the GIL: requests wait)
+    import gc
+
+    before = metric_value(text, "freshrec_gc_pause_seconds_count", {"generation": "2"})
+    gc.collect()
+    text = served.c.get("/metrics").text
+    assert metric_value(text, "freshrec_gc_pause_seconds_count", {"generation": "2"}) >= before + 1
 
 
 def test_dependencies_take_no_thread_pool_round_trip() -> None:
