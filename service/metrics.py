@@ -22,12 +22,12 @@ FRESHNESS = Histogram(
 SWAP_DELAY = Histogram(
     "freshrec_swap_delay_seconds",
     "A version's creation in the weight store -> this server starts serving it.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 MODEL_AGE = Gauge("freshrec_model_age_seconds", "Now minus the served version's creation time.")
 REQUEST_SECONDS = Histogram(
     "freshrec_http_request_duration_seconds", "Request latency by route and status.",
     ["route", "method", "status"],
-    buckets=(.001, .0025, .005, .0075, .01, .025, .05, .1, .25, .5, 1, 2.5))
+    buckets=(.001, .0025, .005, .0075, .01, .015, .025, .035, .05, .075, .1, .25, .5, 1, 2.5))
 IN_FLIGHT = Gauge("freshrec_http_requests_in_flight", "Requests being served.")
 SWAPS = Counter("freshrec_model_swaps", "Hot swaps to a new verified version.")
 SWAP_FAILURES = Counter("freshrec_model_swap_failures",
