@@ -25,12 +25,12 @@ class ServiceSettings(CommonSettings):
     recent_events_s: float = 2.0
     loader_stuck_s: float = 120.0  # /healthz fails once one model refresh runs this long
     torch_threads: int = 1  # per-request matmuls are small; one thread keeps latency flat
-    # how long a thread may hold the GIL while another waits for it (sys.setswitchinterval;
-    # Python's default is 5 ms). A request crosses threads several times (event loop, the
-    # route's worker, Redis replies), each time waiting out whichever thread runs Python code:
-    # the model loader's swap, another request's scoring. 1 ms: /recommend p99 at 100k items
-    # with the trainer on ~40 -> ~27 ms (bench/RESULTS.md, "Issue 8, session 11")
-    gil_switch_ms: float = Field(1.0, gt=0, le=1000)
+    # how long a thread may hold the GIL while another waits for it (sys.setswitchinterval).
+    # A request crosses threads several times (event loop, the route's worker, Redis replies),
+    # each time waiting out whichever thread runs Python code: the model loader's swap, another
+    # request's scoring. Python's 5 ms is kept: 1 ms moved neither the p99 nor the throughput
+    # beyond the run-to-run spread at 100k items (bench/RESULTS.md, "Issue 8, session 11")
+    gil_switch_ms: float = Field(5.0, gt=0, le=1000)
     log_level: str = "WARNING"  # freshrec.service's own log (INFO: every swap, the ANN index)
     # how the served item matrix is stored: fp32, fp16, or int8 with a scale per row
     # (model/quant.py; memory, latency and recall of each in bench/RESULTS.md)
