@@ -68,6 +68,7 @@ HISTOGRAMS = {
     "freshrec_freshness_seconds",
     "freshrec_swap_delay_seconds",
     "freshrec_http_request_duration_seconds",
+    "freshrec_gc_pause_seconds",
     "freshrec_trainer_batch_size",
     "freshrec_trainer_step_seconds",
     "freshrec_trainer_publish_seconds",
