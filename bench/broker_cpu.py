@@ -24,8 +24,9 @@ BODY = b'{"user_id": "u1", "item_id": "123", "event": "click", "ts": 1.0}'
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    from bench.serving import task_cpu
+
+    return task_cpu(Path(f"/proc/{pid}/stat").read_text())[1]
 
 
 def run(linger_ms: int, rate: float, seconds: float, logs: Path) -> dict:

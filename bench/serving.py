@@ -312,6 +312,13 @@ def nicer(pid: int, nice: int) -> None:
             pass  # the thread ended
 
 
+def task_cpu(stat: str) -> tuple[str, float]:
+    """(name, CPU seconds used) of a process or thread from its /proc/.../stat line."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (stat[stat.index("(") + 1: stat.rindex(")")],
+            (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+
+
 class CpuSampler(threading.Thread):
     """CPU seconds each thread of `pids` (name -> pid) used per `every` s, read from /proc: who
     held the two cores while the open loop ran (a diagnostic written beside the timeline)."""
@@ -321,24 +328,23 @@ class CpuSampler(threading.Thread):
         self.pids, self.every = pids, every
         self.stop = threading.Event()
         self.samples: list[tuple[float, dict[str, float]]] = []
-        self.tick = os.sysconf("SC_CLK_TCK")
 
     def _read(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        known = set(self.pids.values())
         for child in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split():
-            if int(child) not in known:  # the open-loop client, once started
-                self.pids.setdefault("client", int(child))
+            try:  # the open-loop client, once spawned (not a finished child not yet reaped)
+                if b"multiprocessing" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    self.pids["client"] = int(child)
+            except OSError:
+                pass
         for name, pid in self.pids.items():
             for task in Path(f"/proc/{pid}/task").glob("*"):
                 try:
-                    stat = (task / "stat").read_text()
+                    comm, seconds = task_cpu((task / "stat").read_text())
                 except OSError:
                     continue  # the thread ended
-                comm = stat[stat.index("(") + 1: stat.rindex(")")]
-                fields = stat[stat.rindex(")") + 2:].split()
                 key = f"{name}/{comm}"
-                out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / self.tick
+                out[key] = out.get(key, 0.0) + seconds
         return out
 
     def run(self) -> None:
