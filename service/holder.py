@@ -223,6 +223,7 @@ class ModelHolder:
         """One round: new catalog items, then a newer version if there is one."""
         catalog_changed = self._pull_catalog()
         target = self.weights.current()
+        read_at = time.monotonic()  # the pointer read: the delay before it was not this round's
         cur = self.current
         served = cur.loaded.manifest.hmac if cur.loaded is not None else None
         sig = self._signature(target) if target is not None else None
@@ -253,7 +254,10 @@ class ModelHolder:
             try:
                 loaded = self.weights.load(target, have=have)
                 rows = self._changed_rows(loaded, have)
-                scorer = self._with_ann(self._build(loaded, rows))
+                t1 = time.monotonic()
+                built = self._build(loaded, rows)
+                t2 = time.monotonic()
+                scorer = self._with_ann(built)
             except (VerificationError, ValueError) as exc:  # WeightsError is a ValueError
                 reason = getattr(exc, "reason", None) or (
                     "bad_shape" if isinstance(exc, WeightsError) else "bad_manifest")
@@ -273,7 +277,8 @@ class ModelHolder:
             self._build_seconds[kind] = 0.7 * self._build_seconds[kind] + \
                 0.3 * (time.monotonic() - t0)
             self._last_swap = time.monotonic()
-            self._swap(Snapshot(target, loaded, scorer, self._catalog_view()))
+            self._swap(Snapshot(target, loaded, scorer, self._catalog_view()),
+                       check_s=t0 - read_at, load_s=t1 - t0, build_s=t2 - t1, index_s=self._last_swap - t2)
         elif catalog_changed and cur.loaded is not None:
             unchanged = torch.zeros(0, dtype=torch.long)  # same weights: only the catalog moved
             self.current = Snapshot(cur.version, cur.loaded,
@@ -473,17 +478,24 @@ class ModelHolder:
         log.error("version %s failed to build (%s: %s); still serving %s, next try in %.0f s",
                   target, type(exc).__name__, exc, serving, pause)
 
-    def _swap(self, snap: Snapshot) -> None:
+    def _swap(self, snap: Snapshot, **took: float) -> None:
+        """Serve `snap`; `took` times the parts of the round that built it (seconds), logged
+        with the version's delay: where the time from the store to serving went."""
         self.current = snap  # one reference assignment: atomic for every reader
         self.swaps += 1
         metrics.SWAPS.inc()
         metrics.VERSION.set(snap.version)
         now = time.time()
         assert snap.loaded is not None
-        metrics.SWAP_DELAY.observe(max(0.0, now - snap.loaded.manifest.created_at))
+        delay = max(0.0, now - snap.loaded.manifest.created_at)
+        metrics.SWAP_DELAY.observe(delay)
         for ts in snap.loaded.manifest.trained_through.get("produced_ts", []):
             metrics.FRESHNESS.observe(max(0.0, now - float(ts)))
-        log.info("serving version %s", snap.version)
+        if took:  # before the loader read the pointer: the notice, the loader busy or pausing
+            took = {"before_s": max(0.0, delay - sum(took.values())), **took}
+        parts = ", ".join(f"{name[:-2]} {1e3 * s:.1f}" for name, s in took.items())
+        log.info("serving version %s, %.1f ms after it was stored (%s ms)", snap.version,
+                 1e3 * delay, parts or "-")
 
     def _pull_catalog(self) -> bool:
         changed = self._adopt_shared_features()

@@ -119,3 +119,39 @@ def test_a_slow_full_build_does_not_hold_back_the_cheap_row_builds_after_it(
             want = nxt.version
             wait_until(lambda v=want: c.get("/model").json()["version"] == v, 3,
                        f"delta {want} served")
+
+
+def test_each_swap_logs_its_delay_and_parts_as_the_serving_bench_reads_them(
+        redis_url: str, namespace: str, tiny_encoder_path: str, tiny_encoder,  # noqa: ANN001
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """The swap's INFO line (version, delay from the store, and where it went) is what
+    `bench.serving` reads the exact version -> served delays from (the histogram only tells
+    the bucket): the two must stay in step."""
+    from bench.serving import swap_log, swap_quantiles
+
+    r = redis.Redis.from_url(redis_url)
+    items = make_items(20)
+    events = make_events(items, users=3, n=30)
+    pub = Publisher(r, namespace, tiny_encoder_path, tiny_encoder, items, events)
+    seed_features(r, namespace, items, events)
+    caplog.set_level(logging.INFO, logger="freshrec.service")
+    with client_for(settings(redis_url, namespace, tiny_encoder_path, poll_interval_s=0.1,
+                             log_level="INFO")) as c:
+        t0 = time.time()
+        versions = []
+        for _ in range(2):
+            versions.append(pub.publish().version)
+            wait_until(lambda: c.get("/model").json()["version"] == versions[-1], 10, "version")
+        t1 = time.time()
+    fmt = logging.Formatter("%(asctime)s %(name)s %(message)s")  # service/app.py's
+    log_file = tmp_path / "api.log"
+    log_file.write_text("\n".join(fmt.format(rec) for rec in caplog.records) + "\n")
+    swaps = swap_log(log_file, t0 - 1, t1 + 1)
+    assert len(swaps) == 2, log_file.read_text()
+    for swap in swaps:
+        assert set(swap) == {"delay", "before", "check", "load", "build", "index"}
+        assert swap["delay"] >= 0 and all(v >= 0 for v in swap.values())
+        # the parts add up to the delay (each is rounded to 0.1 ms in the line)
+        assert abs(sum(v for k, v in swap.items() if k != "delay") - swap["delay"]) < 0.5
+    assert swap_log(log_file, t1 + 5, t1 + 10) == []  # outside the window
+    assert swap_quantiles(swaps)["delay"]["p50"] >= 0
