@@ -92,7 +92,7 @@ def test_the_event_loop_goes_on_while_a_scan_runs() -> None:
         await asyncio.gather(batcher.rank(slow, ["i1"], 10, set()), ticker())  # type: ignore[arg-type]
 
     asyncio.run(main())
-    assert len(ticks) == 20 and max(b - a for a, b in zip(ticks, ticks[1:])) < 0.2
+    assert len(ticks) == 20 and max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) < 0.2
 
 
 def test_requests_read_before_and_after_a_swap_are_served_by_their_own_scorer() -> None:
