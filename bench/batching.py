@@ -14,7 +14,6 @@ The modes alternate in one process, so they share the machine's noise. Writes ba
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import random
 import statistics
@@ -125,13 +124,8 @@ def direct(s: Scorer) -> Rank:
 
 
 def batched(s: Scorer, b: Batcher) -> Rank:
-    """Through `Batcher` on an event loop of its own, as the API's requests are (the client
-    threads hand each request to the loop: a hop the API's requests do not make)."""
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
     def rank(h: list[str], e: set[str]) -> object:
-        return asyncio.run_coroutine_threadsafe(b.rank(s, h, 10, e), loop).result()
+        return b.rank(s, h, 10, e)
     return rank
 
 
