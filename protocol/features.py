@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
+import redis.asyncio
 
 from model.events import Interaction, Item
 from protocol.errors import FreshrecError
@@ -172,18 +174,14 @@ class FeatureStore:
         round trip: a request's cost does not grow with how much the user has seen, nor with
         how long a history the store keeps (`history_len`)."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.lrange(f"{self.ns}:hist:{user_id}", -history_max, -1)
-        pipe.sscan(f"{self.ns}:seen:{user_id}", 0, count=seen_max)
-        hist, (cursor, seen) = pipe.execute()
-        return UserView([h.decode() for h in hist], {s.decode() for s in seen},
-                        complete=int(cursor) == 0)
+        _queue_view(pipe, self.ns, user_id, seen_max, history_max)
+        return _view_of(pipe.execute())
 
     def seen_among(self, user_id: str, ids: Sequence[str]) -> set[str]:
         """Which of `ids` the user has seen (one SMISMEMBER, however large the seen-set)."""
         if not ids:
             return set()
-        flags = self.r.smismember(f"{self.ns}:seen:{user_id}", list(ids))
-        return {i for i, f in zip(ids, flags, strict=True) if f}
+        return _seen_of(ids, self.r.smismember(f"{self.ns}:seen:{user_id}", list(ids)))
 
     def user_state(self, user_id: str) -> tuple[list[str], set[str]]:
         """(recent items oldest first, every item seen) in one round trip. Reads the whole
@@ -195,8 +193,7 @@ class FeatureStore:
         return [h.decode() for h in hist], {s.decode() for s in seen}
 
     def popular(self, k: int) -> list[tuple[str, float]]:
-        return [(i.decode(), float(s)) for i, s in
-                self.r.zrevrange(f"{self.ns}:pop", 0, k - 1, withscores=True)]
+        return _popular_of(self.r.zrevrange(f"{self.ns}:pop", 0, k - 1, withscores=True))
 
     def items(self, ids: Sequence[str]) -> dict[str, Item]:
         if not ids:
@@ -287,3 +284,47 @@ def _text(raw: bytes | str) -> str:
 
 def _partition(src: Source) -> str:
     return f"{src.topic}:{src.partition}"
+
+
+class UserReads:
+    """What a /recommend request reads (`user_view`, `seen_among`, `popular`), awaited on the
+    API's event loop through an asyncio Redis client: a request needs no thread of its own
+    (service/routes.py). Same keys and answers as `FeatureStore`'s methods of the same names."""
+
+    def __init__(self, client: redis.asyncio.Redis, namespace: str = "freshrec") -> None:
+        self.r = client
+        self.ns = f"{namespace}:f"
+
+    async def user_view(self, user_id: str, seen_max: int = SEEN_READ_MAX,
+                        history_max: int = HISTORY_READ_MAX) -> UserView:
+        pipe = self.r.pipeline(transaction=False)
+        _queue_view(pipe, self.ns, user_id, seen_max, history_max)
+        return _view_of(await pipe.execute())
+
+    async def seen_among(self, user_id: str, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        return _seen_of(ids, await self.r.smismember(f"{self.ns}:seen:{user_id}", list(ids)))
+
+    async def popular(self, k: int) -> list[tuple[str, float]]:
+        return _popular_of(await self.r.zrevrange(f"{self.ns}:pop", 0, k - 1, withscores=True))
+
+
+def _queue_view(pipe: Any, ns: str, user_id: str, seen_max: int, history_max: int) -> None:
+    """Queue a user view's two reads on a pipeline (sync or asyncio: the calls are the same)."""
+    pipe.lrange(f"{ns}:hist:{user_id}", -history_max, -1)
+    pipe.sscan(f"{ns}:seen:{user_id}", 0, count=seen_max)
+
+
+def _view_of(replies: list[Any]) -> UserView:
+    hist, (cursor, seen) = replies
+    return UserView([h.decode() for h in hist], {s.decode() for s in seen},
+                    complete=int(cursor) == 0)
+
+
+def _seen_of(ids: Sequence[str], flags: list[Any]) -> set[str]:
+    return {i for i, f in zip(ids, flags, strict=True) if f}
+
+
+def _popular_of(pairs: list[tuple[bytes, float]]) -> list[tuple[str, float]]:
+    return [(i.decode(), float(s)) for i, s in pairs]

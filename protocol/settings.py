@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.backoff import NoBackoff
@@ -37,6 +39,15 @@ class CommonSettings(BaseSettings):
             self.redis_url, socket_timeout=self.redis_timeout_s,
             socket_connect_timeout=self.redis_timeout_s, health_check_interval=30,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)))
+
+    def redis_async_client(self) -> redis.asyncio.Redis:
+        """`redis_client`'s twin for code on an event loop (the API's request path): the same
+        timeouts and retry policy; its calls raise the same `redis.exceptions`."""
+        return redis.asyncio.Redis.from_url(
+            self.redis_url, socket_timeout=self.redis_timeout_s,
+            socket_connect_timeout=self.redis_timeout_s, health_check_interval=30,
+            retry=redis.asyncio.retry.Retry(
+                NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)))
 
     def require_hmac_key(self) -> bytes:
         """Fail fast with a sentence a person understands when the signing key is missing."""

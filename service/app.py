@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.encoder import TextEncoder
 from protocol.errors import Unavailable
-from protocol.features import FeatureStore
+from protocol.features import FeatureStore, UserReads
 from protocol.runtime import freeze_long_lived
 from protocol.weights import WeightStore
 from service import metrics
@@ -225,7 +225,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.features = features
     app.state.holder = holder
     app.state.user_cache = UserCache(settings.user_cache_size)
-    app.state.batcher = Batcher(settings.max_batch) if settings.max_batch > 1 else None
+    app.state.reads = UserReads(settings.redis_async_client(), settings.namespace)
+    app.state.batcher = Batcher(settings.max_batch)
     app.state.recent = RecentEvents(settings.recent_events_s)
     app.state.breaker = RedisBreaker(trial_s=settings.redis_timeout_s)
     app.state.producer = LazyProducer(settings.kafka_bootstrap)
@@ -238,6 +239,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     with metrics.GcPauses():
         yield
     holder.stop()
+    app.state.batcher.close()
+    await app.state.reads.r.aclose()
     app.state.producer.close()
     sys.setswitchinterval(switch_s)
 

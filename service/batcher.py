@@ -2,22 +2,25 @@
 
 A top-k over N items is one pass over an (N, w) matrix: memory-bound, so scoring B queued
 queries in one (B, w) x (w, N) product costs little more than one (bench/RESULTS.md, "Batching
-concurrent requests"). No timer and no thread of its own: the first request to find the batcher
-idle leads; requests that arrive while a scan runs queue, and when it ends the leader hands
-leadership to the oldest of them, which scores everything queued by then as one batch. So an
-idle server answers a lone request at once (batch of 1, the exact path the learner ranks with),
-and a busy one batches "whatever is queued", by as many as the scans take long.
+concurrent requests"). Requests are coroutines on the API's event loop; scans run on one thread
+of their own, the ranker, so the loop goes on reading requests and Redis while one runs. No
+timer: a request that finds the ranker idle is scanned at once (a batch of 1, the exact path the
+learner ranks with); requests that arrive during a scan queue, and when it ends everything
+queued by then is the next batch. So an idle server adds no wait, a busy one batches by as many
+as the scans take long, and a request costs no thread hand-off of its own: one per batch. (A
+route on FastAPI's thread pool took two per request, and the leader/follower batching of pool
+threads it replaced woke every follower in turn: bench/RESULTS.md, "Issue 8, session 12".)
 
 Requests are grouped by Scorer (a swap between two arrivals gives two groups, each request is
-served wholly by the Scorer it read) and by exclusion-set-size-agnostic `rank_batch` calls; one
-batch asks for the largest n among its requests and each gets its own prefix. An exception in a
-batch is raised in every request of it.
+served wholly by the Scorer it read); one group asks for the largest n among its requests and
+each gets its own prefix. An exception in a group is raised in every request of it.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from model.scorer import Scorer
 
@@ -25,79 +28,82 @@ Ranked = list[tuple[str, float]]
 
 
 class _Job:
-    __slots__ = ("scorer", "history", "n", "exclude", "done", "lead", "result", "error")
+    __slots__ = ("scorer", "history", "n", "exclude", "future", "result", "error")
 
     def __init__(self, scorer: Scorer, history: Sequence[str], n: int,
-                 exclude: Collection[str]) -> None:
+                 exclude: Collection[str], future: asyncio.Future[Ranked]) -> None:
         self.scorer, self.history, self.n, self.exclude = scorer, history, n, exclude
-        self.done = threading.Event()
-        self.lead = False  # woken to lead the next batch rather than with a result
+        self.future = future
         self.result: Ranked | None = None
         self.error: BaseException | None = None
 
 
 class Batcher:
-    """Leader/follower batching of `Scorer.rank_batch` calls from concurrent request threads."""
+    """Batches `Scorer.rank_batch` calls of concurrent requests on one event loop."""
 
     def __init__(self, max_batch: int = 64) -> None:
-        self.max_batch = max_batch
-        self._lock = threading.Lock()
+        self.max_batch = max(1, max_batch)
         self._queue: list[_Job] = []
-        self._busy = False
+        self._busy = False  # a batch is on the ranker
+        self._ranker = ThreadPoolExecutor(1, thread_name_prefix="ranker")
         self.batches = 0  # scans run (groups), for the metrics and the tests
         self.requests = 0
 
-    def rank(self, scorer: Scorer, history: Sequence[str], n: int,
-             exclude: Collection[str]) -> Ranked:
+    async def rank(self, scorer: Scorer, history: Sequence[str], n: int,
+                   exclude: Collection[str]) -> Ranked:
         """Top-n of `scorer` for one history, minus `exclude`: what
         `scorer.rank_batch([history], n, [exclude])[0]` returns, scored with whatever else is
         queued."""
-        job = _Job(scorer, history, n, exclude)
-        with self._lock:
-            self._queue.append(job)
-            lead = not self._busy
-            self._busy = True
-        if not lead:
-            job.done.wait()
-            if not job.lead:
-                return self._result(job)
-        self._lead()
-        return self._result(job)
+        loop = asyncio.get_running_loop()
+        job = _Job(scorer, history, n, exclude, loop.create_future())
+        self._queue.append(job)
+        if not self._busy:
+            self._next(loop)
+        return await job.future
 
-    @staticmethod
-    def _result(job: _Job) -> Ranked:
-        if job.error is not None:
-            raise job.error
-        assert job.result is not None
-        return job.result
+    def close(self) -> None:
+        """Stop the ranker thread once the batch on it (if any) is done."""
+        self._ranker.shutdown(wait=False)
 
-    def _lead(self) -> None:
-        """Score everything queued now (including this thread's own request), then pass the
-        lead to the oldest request that queued meanwhile, or go idle."""
-        with self._lock:
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand what is queued (at most `max_batch`) to the ranker, or go idle; on the loop."""
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+        self._busy = bool(batch)
+        if not batch:
+            return
+        try:
+            scan = loop.run_in_executor(self._ranker, self._score_all, batch)
+        except RuntimeError as exc:  # the ranker was shut down (the app is stopping)
+            for job in batch:
+                job.error = exc
+            self._finished(loop, batch)
+            return
+        scan.add_done_callback(lambda _: self._finished(loop, batch))
+
+    def _finished(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
+        for job in batch:
+            if job.future.done():  # the request was cancelled (its client went away)
+                continue
+            if job.error is not None:
+                job.future.set_exception(job.error)
+            else:
+                job.future.set_result(job.result or [])
+        self._next(loop)
+
+    def _score_all(self, batch: list[_Job]) -> None:
+        """On the ranker thread: one `rank_batch` per Scorer among the batch's requests."""
         groups: dict[int, list[_Job]] = {}
         for job in batch:
             groups.setdefault(id(job.scorer), []).append(job)
         for jobs in groups.values():
             self._score(jobs)
-        with self._lock:
-            nxt = self._queue[0] if self._queue else None
-            if nxt is None:
-                self._busy = False
-            else:
-                nxt.lead = True
-        for job in batch:
-            job.done.set()
-        if nxt is not None:
-            nxt.done.set()
 
     def _score(self, jobs: list[_Job]) -> None:
         n = max(job.n for job in jobs)
         try:
             ranked = jobs[0].scorer.rank_batch([job.history for job in jobs], n,
                                                [job.exclude for job in jobs])
-        except BaseException as exc:  # noqa: BLE001 - raised again in each request's thread
+        except Exception as exc:  # noqa: BLE001 - raised again in each request
             for job in jobs:
                 job.error = exc
         else:

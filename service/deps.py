@@ -15,7 +15,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
 
-from protocol.features import FeatureStore, UserView
+from protocol.features import UserReads, UserView
 from service.batcher import Batcher
 from service.holder import ModelHolder
 from service.settings import ServiceSettings
@@ -43,8 +43,9 @@ class RedisBreaker:
     """Requests stop waiting on a Redis that does not answer.
 
     With Redis paused or partitioned, each /recommend used to wait out the client's timeout
-    (2 s) before serving the user's last known history; at 200 req/s those waits fill the
-    thread pool and every request queues behind them (3.4-4.7 s in `freshrec bench chaos`).
+    (2 s) before serving the user's last known history; at 200 req/s those waits filled the
+    thread pool and every request queued behind them (3.4-4.7 s in `freshrec bench chaos`).
+    On the event loop a waiting request holds no thread, but still waits out the timeout.
     After a Redis error, requests serve from the user cache at once for `open_s`; then one
     request at a time tries Redis again (the others keep serving from the cache for up to
     `trial_s`, the timeout), and the first success closes the breaker."""
@@ -120,12 +121,12 @@ async def get_holder(request: Request) -> ModelHolder:
     return request.app.state.holder
 
 
-async def get_batcher(request: Request) -> Batcher | None:
-    return getattr(request.app.state, "batcher", None)
+async def get_batcher(request: Request) -> Batcher:
+    return request.app.state.batcher
 
 
-async def get_features(request: Request) -> FeatureStore:
-    return request.app.state.features
+async def get_reads(request: Request) -> UserReads:
+    return request.app.state.reads
 
 
 async def get_user_cache(request: Request) -> UserCache:
@@ -170,8 +171,8 @@ def _check_bearer(token: str, variable: str, authorization: str | None) -> None:
 
 SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 HolderDep = Annotated[ModelHolder, Depends(get_holder)]
-BatcherDep = Annotated[Batcher | None, Depends(get_batcher)]
-FeaturesDep = Annotated[FeatureStore, Depends(get_features)]
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+ReadsDep = Annotated[UserReads, Depends(get_reads)]
 UserCacheDep = Annotated[UserCache, Depends(get_user_cache)]
 RecentDep = Annotated[RecentEvents, Depends(get_recent)]
 BreakerDep = Annotated[RedisBreaker, Depends(get_breaker)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from model.events import Interaction, Item
 from protocol.errors import Unavailable, VerificationError
+from protocol.features import UserReads
 from protocol.topics import encode_interaction, encode_item
 from service import metrics
 from service.batcher import Batcher
@@ -24,9 +25,9 @@ from service.deps import (
     Authorized,
     BatcherDep,
     BreakerDep,
-    FeaturesDep,
     HolderDep,
     ProducerDep,
+    ReadsDep,
     RecentDep,
     SettingsDep,
     UserCacheDep,
@@ -51,25 +52,23 @@ TRAINER_KEYS = ("events", "events_per_s", "online_hr@10", "online_ndcg@10", "hol
                 "newest_event_ts")
 
 
-def _rank(snap: Snapshot, features: FeaturesDep, batcher: Batcher | None, history: list[str],
-          exclude: set[str], k: int, user_id: str | None, stale: bool,
-          seen_among: Callable[[list[str]], set[str]] | None = None) -> Response:
+async def _rank(snap: Snapshot, reads: UserReads, batcher: Batcher, history: list[str],
+                exclude: set[str], k: int, user_id: str | None, stale: bool,
+                seen_among: Callable[[list[str]], Awaitable[set[str]]] | None = None) -> Response:
     """Rank with one snapshot; before any verified version, fall back to popularity.
     `seen_among` answers for seen ids beyond `exclude` (a seen-set too large to read whole).
-    With a `batcher`, requests that queue while a scan runs share the next one."""
+    Requests that queue while a scan runs share the next one (`batcher`)."""
 
-    def top(n: int) -> list[tuple[str, float]]:
+    async def top(n: int) -> list[tuple[str, float]]:
         if snap.scorer is not None:
-            if batcher is not None:
-                return batcher.rank(snap.scorer, history, n, exclude)
-            return snap.scorer.rank_batch([history], n, [exclude])[0]
+            return await batcher.rank(snap.scorer, history, n, exclude)
         try:
-            pool = features.popular(n + len(exclude))
+            pool = await reads.popular(n + len(exclude))
         except redis.exceptions.RedisError:
             pool = []
         return [(i, s) for i, s in pool if i not in exclude][:n]
 
-    ranked = _unseen_top(top, k, seen_among)
+    ranked = await _unseen_top(top, k, seen_among)
     if snap.scorer is not None:
         used = sum(1 for i in history[-snap.scorer.history_len:] if i in snap.scorer)
         source = "model"
@@ -91,16 +90,17 @@ def prebuilt(out: BaseModel) -> Response:
     return Response(out.model_dump_json(), media_type="application/json")
 
 
-def _unseen_top(top: Callable[[int], list[tuple[str, float]]], k: int,
-                seen_among: Callable[[list[str]], set[str]] | None) -> list[tuple[str, float]]:
+async def _unseen_top(top: Callable[[int], Awaitable[list[tuple[str, float]]]], k: int,
+                      seen_among: Callable[[list[str]], Awaitable[set[str]]] | None
+                      ) -> list[tuple[str, float]]:
     """The first k of `top(n)` that `seen_among` does not report seen, asking for 4x more
     candidates while seen ones crowd them out (at most log4 of the catalog rounds)."""
     n = k
     while True:
-        ranked = top(n)
+        ranked = await top(n)
         if seen_among is None:
             return ranked
-        hidden = seen_among([i for i, _ in ranked])
+        hidden = await seen_among([i for i, _ in ranked])
         kept = [(i, s) for i, s in ranked if i not in hidden]
         if len(kept) >= k or len(ranked) < n:
             return kept[:k]
@@ -108,19 +108,20 @@ def _unseen_top(top: Callable[[int], list[tuple[str, float]]], k: int,
 
 
 @router.get("/recommend", response_model=RecommendOut)
-def recommend(holder: HolderDep, features: FeaturesDep, batcher: BatcherDep, cache: UserCacheDep,
-              recent: RecentDep, breaker: BreakerDep,
-              user_id: Annotated[str, Query(min_length=1, max_length=256)],
-              k: Annotated[int, Query(ge=1, le=100)] = 10,
-              exclude_seen: bool = True) -> Response:
+async def recommend(holder: HolderDep, reads: ReadsDep, batcher: BatcherDep,
+                    cache: UserCacheDep, recent: RecentDep, breaker: BreakerDep,
+                    user_id: Annotated[str, Query(min_length=1, max_length=256)],
+                    k: Annotated[int, Query(ge=1, le=100)] = 10,
+                    exclude_seen: bool = True) -> Response:
     """Top-k for a known (or unknown: cold start) user, from the live history in Redis (from
-    the last known one while Redis does not answer)."""
+    the last known one while Redis does not answer). On the event loop: it awaits Redis and
+    the ranker thread (service/batcher.py), so a request takes no thread of its own."""
     snap = holder.current  # one read: the whole request is served by this version
     now = time.monotonic()
     stale = not breaker.allow(now)
     if not stale:
         try:
-            view = features.user_view(user_id)  # bounded, however much the user has seen
+            view = await reads.user_view(user_id)  # bounded, however much the user has seen
             cache.put(user_id, view)
             breaker.succeeded()
         except redis.exceptions.RedisError:
@@ -129,18 +130,18 @@ def recommend(holder: HolderDep, features: FeaturesDep, batcher: BatcherDep, cac
     if stale:
         view = cache.get(user_id)
     view = recent.merge(user_id, view, now)  # accepted, maybe not applied yet
-    check = (_seen_checker(features, user_id) if exclude_seen and not view.complete and not stale
+    check = (_seen_checker(reads, user_id) if exclude_seen and not view.complete and not stale
              else None)
-    return _rank(snap, features, batcher, view.history, view.seen if exclude_seen else set(), k,
-                 user_id, stale, check)
+    return await _rank(snap, reads, batcher, view.history,
+                       view.seen if exclude_seen else set(), k, user_id, stale, check)
 
 
-def _seen_checker(features: FeaturesDep, user_id: str) -> Callable[[list[str]], set[str]]:
+def _seen_checker(reads: UserReads, user_id: str) -> Callable[[list[str]], Awaitable[set[str]]]:
     """Asks Redis which candidates the user has seen (for seen-sets too large to read)."""
 
-    def seen_among(ids: list[str]) -> set[str]:
+    async def seen_among(ids: list[str]) -> set[str]:
         try:
-            return features.seen_among(user_id, ids)
+            return await reads.seen_among(user_id, ids)
         except redis.exceptions.RedisError:
             return set()  # Redis went away mid-request: exclude what was read
 
@@ -148,8 +149,8 @@ def _seen_checker(features: FeaturesDep, user_id: str) -> Callable[[list[str]], 
 
 
 @router.post("/recommend", response_model=RecommendOut)
-def recommend_anonymous(body: RecommendIn, holder: HolderDep, features: FeaturesDep,
-                        batcher: BatcherDep) -> Response:
+async def recommend_anonymous(body: RecommendIn, holder: HolderDep, reads: ReadsDep,
+                              batcher: BatcherDep) -> Response:
     """Top-k for an anonymous session that brings its own history."""
     snap = holder.current
     known = snap.scorer if snap.scorer is not None else snap.catalog
@@ -157,7 +158,7 @@ def recommend_anonymous(body: RecommendIn, holder: HolderDep, features: Features
     if unknown and known:
         raise HTTPException(422, f"unknown item ids in history: {unknown[:10]}")
     exclude = set(body.exclude) | (set(body.history) if body.exclude_history else set())
-    return _rank(snap, features, batcher, body.history, exclude, body.k, None, False)
+    return await _rank(snap, reads, batcher, body.history, exclude, body.k, None, False)
 
 
 def _send(producer: ProducerDep, topic: str, records: list[tuple[bytes, bytes]]) -> None:
@@ -268,7 +269,7 @@ def status(holder: HolderDep, batcher: BatcherDep) -> dict[str, Any]:
         "redis_ok": holder.redis_ok,
         "trainer": None,
         "retrieval": {**holder.retrieval(), "mean_batch": (
-            batcher.requests / batcher.batches if batcher is not None and batcher.batches
+            batcher.requests / batcher.batches if batcher.batches
             else None)},
     }
     if snap.loaded is not None:

@@ -1,12 +1,12 @@
 """Batched ranking (service/batcher.py): requests that queue while a scan runs are scored in
 one batch, each gets what a request of its own gets (same items, scores within float rounding),
-a swap between arrivals never mixes Scorers, and an error reaches every request of its batch."""
+a swap between arrivals never mixes Scorers, an error reaches every request of its batch, and
+the scans run off the event loop (it goes on serving while one runs)."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -54,9 +54,11 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_ranking() -> None
     gen = torch.Generator().manual_seed(1)
     reqs = [([f"i{j}" for j in torch.randint(N, (6,), generator=gen).tolist()], 5 + r % 10)
             for r in range(48)]
-    with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda r: batcher.rank(slow, r[0], r[1], set(r[0])),  # type: ignore[arg-type]
-                            reqs))
+
+    async def main() -> list:
+        return await asyncio.gather(*(batcher.rank(slow, h, k, set(h)) for h, k in reqs))  # type: ignore[arg-type]
+
+    got = asyncio.run(main())
     assert sum(slow.calls) == 48 and len(slow.calls) < 48 and max(slow.calls) > 1
     for (hist, k), g in zip(reqs, got, strict=True):
         want = scorer.rank_batch([hist], k, [set(hist)])[0]
@@ -68,8 +70,29 @@ def test_a_lone_request_is_scored_alone_at_once() -> None:
     scorer = make_scorer()
     batcher = Batcher()
     hist = ["i1", "i2", "i3"]
-    assert batcher.rank(scorer, hist, 10, set()) == scorer.rank_batch([hist], 10, [set()])[0]
+    got = asyncio.run(batcher.rank(scorer, hist, 10, set()))
+    assert got == scorer.rank_batch([hist], 10, [set()])[0]
     assert batcher.batches == 1 and batcher.requests == 1
+
+
+def test_the_event_loop_goes_on_while_a_scan_runs() -> None:
+    """A scan runs on the ranker thread: the loop keeps running other coroutines meanwhile
+    (on the loop itself, a 0.3 s scan would hold every other request for 0.3 s)."""
+    scorer = make_scorer()
+    slow = Slow(scorer, pause=0.3)
+    batcher = Batcher()
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        for _ in range(20):
+            ticks.append(time.perf_counter())
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        await asyncio.gather(batcher.rank(slow, ["i1"], 10, set()), ticker())  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert len(ticks) == 20 and max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) < 0.2
 
 
 def test_requests_read_before_and_after_a_swap_are_served_by_their_own_scorer() -> None:
@@ -77,10 +100,13 @@ def test_requests_read_before_and_after_a_swap_are_served_by_their_own_scorer() 
     slow_a, slow_b = Slow(a), Slow(b)
     batcher = Batcher()
     hist = ["i5", "i6"]
-    with ThreadPoolExecutor(8) as pool:
-        futs = [pool.submit(batcher.rank, slow_a if r % 2 else slow_b, hist, 10, set())  # type: ignore[arg-type]
-                for r in range(16)]
-        got = [f.result() for f in futs]
+
+    async def main() -> list:
+        return await asyncio.gather(*(batcher.rank(slow_a if r % 2 else slow_b, hist, 10, set())  # type: ignore[arg-type]
+                                      for r in range(16)))
+
+    got = asyncio.run(main())
+    assert len(slow_a.calls) + len(slow_b.calls) < 16  # batched, and never mixed
     for r, g in enumerate(got):
         same(g, (a if r % 2 else b).rank_batch([hist], 10, [set()])[0])
 
@@ -94,29 +120,45 @@ def test_an_error_in_a_batch_reaches_each_of_its_requests_and_the_batcher_recove
             raise RuntimeError("boom")
 
     batcher = Batcher()
-    errors = []
-    barrier = threading.Barrier(6)
 
-    def one() -> None:
-        barrier.wait()
-        try:
-            batcher.rank(Broken(scorer), ["i1"], 10, set())  # type: ignore[arg-type]
-        except RuntimeError as exc:
-            errors.append(exc)
+    async def main() -> list:
+        return await asyncio.gather(*(batcher.rank(Broken(scorer), ["i1"], 10, set())  # type: ignore[arg-type]
+                                      for _ in range(6)), return_exceptions=True)
 
-    threads = [threading.Thread(target=one) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(5)
-    assert len(errors) == 6
-    assert batcher.rank(scorer, ["i1"], 10, set()) == scorer.rank_batch([["i1"]], 10, [set()])[0]
+    errors = asyncio.run(main())
+    assert len(errors) == 6 and all(isinstance(e, RuntimeError) for e in errors)
+    got = asyncio.run(batcher.rank(scorer, ["i1"], 10, set()))
+    assert got == scorer.rank_batch([["i1"]], 10, [set()])[0]
 
 
-@pytest.mark.parametrize("threads", [2, 16])
-def test_no_request_is_left_waiting(threads: int) -> None:
+def test_a_cancelled_request_leaves_the_others_served() -> None:
+    """A client that goes away cancels its request; the batch it was in is still answered."""
     scorer = make_scorer()
-    batcher = Batcher(max_batch=3)
-    with ThreadPoolExecutor(threads) as pool:
-        got = list(pool.map(lambda r: batcher.rank(scorer, [f"i{r}"], 3, set()), range(200)))
+    slow = Slow(scorer, pause=0.1)
+    batcher = Batcher()
+
+    async def main() -> list:
+        tasks = [asyncio.ensure_future(batcher.rank(slow, [f"i{r}"], 5, set()))  # type: ignore[arg-type]
+                 for r in range(8)]
+        await asyncio.sleep(0.02)
+        tasks[0].cancel()
+        tasks[5].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    got = asyncio.run(main())
+    assert isinstance(got[0], asyncio.CancelledError) and isinstance(got[5], asyncio.CancelledError)
+    assert all(len(g) == 5 for r, g in enumerate(got) if r not in (0, 5))
+    assert batcher.requests == 8
+
+
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_no_request_is_left_waiting(max_batch: int) -> None:
+    scorer = make_scorer()
+    batcher = Batcher(max_batch=max_batch)
+
+    async def main() -> list:
+        return await asyncio.gather(*(batcher.rank(scorer, [f"i{r}"], 3, set()) for r in range(200)))
+
+    got = asyncio.run(main())
     assert all(len(g) == 3 for g in got) and batcher.requests == 200
+    assert batcher.batches >= 200 // max_batch
