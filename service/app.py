@@ -25,7 +25,7 @@ from protocol.runtime import freeze_long_lived
 from protocol.weights import WeightStore
 from service import metrics
 from service.batcher import Batcher
-from service.deps import RecentEvents, RedisBreaker, UserCache
+from service.deps import Ranking, RecentEvents, RedisBreaker, UserCache
 from service.holder import AnnSettings, ModelHolder
 from service.routes import error_body, router
 from service.settings import ServiceSettings
@@ -224,11 +224,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                                          monitor_s=settings.ann_monitor_s))
     app.state.features = features
     app.state.holder = holder
-    app.state.user_cache = UserCache(settings.user_cache_size)
-    app.state.reads = UserReads(settings.redis_async_client(), settings.namespace)
     app.state.batcher = Batcher(settings.max_batch)
     app.state.recent = RecentEvents(settings.recent_events_s)
-    app.state.breaker = RedisBreaker(trial_s=settings.redis_timeout_s)
+    app.state.ranking = Ranking(holder, UserReads(settings.redis_async_client(),
+                                                  settings.namespace),
+                                app.state.batcher, UserCache(settings.user_cache_size),
+                                app.state.recent, RedisBreaker(trial_s=settings.redis_timeout_s))
     app.state.producer = LazyProducer(settings.kafka_bootstrap)
     try:
         holder.refresh()  # serve the newest version from the first request, if Redis is up
@@ -240,7 +241,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     holder.stop()
     app.state.batcher.close()
-    await app.state.reads.r.aclose()
+    await app.state.ranking.reads.r.aclose()
     app.state.producer.close()
     sys.setswitchinterval(switch_s)
 

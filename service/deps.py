@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
@@ -113,6 +114,25 @@ class RecentEvents:
         return UserView(hist + missing, view.seen | set(missing), view.complete)
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """What a /recommend request uses, as one dependency: FastAPI resolves each dependency of
+    a route apart (in a bare FastAPI app here, six cost ~0.1 ms of CPU a request more than
+    one; in the API the difference is inside run-to-run noise: bench/RESULTS.md, "Issue 8,
+    session 12")."""
+
+    holder: ModelHolder
+    reads: UserReads
+    batcher: Batcher
+    cache: UserCache
+    recent: RecentEvents
+    breaker: RedisBreaker
+
+
+async def get_ranking(request: Request) -> Ranking:
+    return request.app.state.ranking
+
+
 async def get_settings(request: Request) -> ServiceSettings:
     return request.app.state.settings
 
@@ -123,18 +143,6 @@ async def get_holder(request: Request) -> ModelHolder:
 
 async def get_batcher(request: Request) -> Batcher:
     return request.app.state.batcher
-
-
-async def get_reads(request: Request) -> UserReads:
-    return request.app.state.reads
-
-
-async def get_user_cache(request: Request) -> UserCache:
-    return request.app.state.user_cache
-
-
-async def get_breaker(request: Request) -> RedisBreaker:
-    return request.app.state.breaker
 
 
 async def get_recent(request: Request) -> RecentEvents:
@@ -172,10 +180,8 @@ def _check_bearer(token: str, variable: str, authorization: str | None) -> None:
 SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 HolderDep = Annotated[ModelHolder, Depends(get_holder)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
-ReadsDep = Annotated[UserReads, Depends(get_reads)]
-UserCacheDep = Annotated[UserCache, Depends(get_user_cache)]
+RankingDep = Annotated[Ranking, Depends(get_ranking)]
 RecentDep = Annotated[RecentEvents, Depends(get_recent)]
-BreakerDep = Annotated[RedisBreaker, Depends(get_breaker)]
 ProducerDep = Annotated[object, Depends(get_producer)]
 Authorized = Depends(require_token)
 AdminAuthorized = Depends(require_admin)

@@ -24,13 +24,11 @@ from service.deps import (
     AdminAuthorized,
     Authorized,
     BatcherDep,
-    BreakerDep,
     HolderDep,
     ProducerDep,
-    ReadsDep,
+    RankingDep,
     RecentDep,
     SettingsDep,
-    UserCacheDep,
 )
 from service.holder import Snapshot
 from service.schemas import (
@@ -108,31 +106,30 @@ async def _unseen_top(top: Callable[[int], Awaitable[list[tuple[str, float]]]], 
 
 
 @router.get("/recommend", response_model=RecommendOut)
-async def recommend(holder: HolderDep, reads: ReadsDep, batcher: BatcherDep,
-                    cache: UserCacheDep, recent: RecentDep, breaker: BreakerDep,
+async def recommend(ranking: RankingDep,
                     user_id: Annotated[str, Query(min_length=1, max_length=256)],
                     k: Annotated[int, Query(ge=1, le=100)] = 10,
                     exclude_seen: bool = True) -> Response:
     """Top-k for a known (or unknown: cold start) user, from the live history in Redis (from
     the last known one while Redis does not answer). On the event loop: it awaits Redis and
     the ranker thread (service/batcher.py), so a request takes no thread of its own."""
-    snap = holder.current  # one read: the whole request is served by this version
+    snap = ranking.holder.current  # one read: the whole request is served by this version
     now = time.monotonic()
-    stale = not breaker.allow(now)
+    stale = not ranking.breaker.allow(now)
     if not stale:
         try:
-            view = await reads.user_view(user_id)  # bounded, however much the user has seen
-            cache.put(user_id, view)
-            breaker.succeeded()
+            view = await ranking.reads.user_view(user_id)  # bounded, however much was seen
+            ranking.cache.put(user_id, view)
+            ranking.breaker.succeeded()
         except redis.exceptions.RedisError:
-            breaker.failed(time.monotonic())
+            ranking.breaker.failed(time.monotonic())
             stale = True
     if stale:
-        view = cache.get(user_id)
-    view = recent.merge(user_id, view, now)  # accepted, maybe not applied yet
-    check = (_seen_checker(reads, user_id) if exclude_seen and not view.complete and not stale
-             else None)
-    return await _rank(snap, reads, batcher, view.history,
+        view = ranking.cache.get(user_id)
+    view = ranking.recent.merge(user_id, view, now)  # accepted, maybe not applied yet
+    check = (_seen_checker(ranking.reads, user_id)
+             if exclude_seen and not view.complete and not stale else None)
+    return await _rank(snap, ranking.reads, ranking.batcher, view.history,
                        view.seen if exclude_seen else set(), k, user_id, stale, check)
 
 
@@ -149,16 +146,16 @@ def _seen_checker(reads: UserReads, user_id: str) -> Callable[[list[str]], Await
 
 
 @router.post("/recommend", response_model=RecommendOut)
-async def recommend_anonymous(body: RecommendIn, holder: HolderDep, reads: ReadsDep,
-                              batcher: BatcherDep) -> Response:
+async def recommend_anonymous(body: RecommendIn, ranking: RankingDep) -> Response:
     """Top-k for an anonymous session that brings its own history."""
-    snap = holder.current
+    snap = ranking.holder.current
     known = snap.scorer if snap.scorer is not None else snap.catalog
     unknown = [i for i in body.history if i not in known]
     if unknown and known:
         raise HTTPException(422, f"unknown item ids in history: {unknown[:10]}")
     exclude = set(body.exclude) | (set(body.history) if body.exclude_history else set())
-    return await _rank(snap, reads, batcher, body.history, exclude, body.k, None, False)
+    return await _rank(snap, ranking.reads, ranking.batcher, body.history, exclude, body.k,
+                       None, False)
 
 
 def _send(producer: ProducerDep, topic: str, records: list[tuple[bytes, bytes]]) -> None:
