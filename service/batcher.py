@@ -78,16 +78,19 @@ class Batcher:
                 job.error = exc
             self._finished(loop, batch)
             return
-        scan.add_done_callback(lambda _: self._finished(loop, batch))
+        scan.add_done_callback(lambda done: self._finished(loop, batch, done))
 
-    def _finished(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
+    def _finished(self, loop: asyncio.AbstractEventLoop, batch: list[_Job],
+                  scan: asyncio.Future[None] | None = None) -> None:
+        failure = None if scan is None or scan.cancelled() else scan.exception()
         for job in batch:
             if job.future.done():  # the request was cancelled (its client went away)
                 continue
-            if job.error is not None:
-                job.future.set_exception(job.error)
-            else:
-                job.future.set_result(job.result or [])
+            if job.result is not None and job.error is None:
+                job.future.set_result(job.result)
+            else:  # its group failed, or the scan ended before reaching it
+                job.future.set_exception(
+                    job.error or failure or RuntimeError("the ranker ended a batch without a ranking"))
         self._next(loop)
 
     def _score_all(self, batch: list[_Job]) -> None:

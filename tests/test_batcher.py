@@ -162,3 +162,28 @@ def test_no_request_is_left_waiting(max_batch: int) -> None:
     got = asyncio.run(main())
     assert all(len(g) == 3 for g in got) and batcher.requests == 200
     assert batcher.batches >= 200 // max_batch
+
+
+def test_a_batch_that_ends_without_a_ranking_fails_its_requests_instead_of_answering_empty() -> None:
+    """An exception that escapes the ranker's own handling (here a BaseException, which
+    `_score` does not catch) must reach each request of the batch, not leave it an empty list
+    that the route would serve as a valid, empty recommendation."""
+    scorer = make_scorer()
+
+    class Abort(BaseException):
+        pass
+
+    class Aborting(Slow):
+        def rank_batch(self, histories, k, exclude):  # noqa: ANN001, ANN201
+            raise Abort("the scan was torn down")
+
+    batcher = Batcher()
+    aborting = Aborting(scorer)
+
+    async def main() -> list:
+        return await asyncio.gather(*(batcher.rank(aborting, ["i1"], 10, set())  # type: ignore[arg-type]
+                                      for _ in range(3)), return_exceptions=True)
+
+    got = asyncio.run(main())
+    assert all(isinstance(g, Abort) for g in got), got
+    assert asyncio.run(batcher.rank(scorer, ["i1"], 10, set())) == scorer.rank_batch([["i1"]], 10, [set()])[0]
