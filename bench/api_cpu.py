@@ -10,6 +10,10 @@ each route's run. So the figure is the service's own cost per request (HTTP, Fas
 middleware, Redis reads, batching, the scan of a small matrix, JSON), not the catalog's: the
 scan at 100k-1M items is bench/serving.py's. Routes alternate for --rounds rounds; medians.
 Needs `hey` (apt-get install -y hey) and the Redis at --redis. Writes api_cpu.json and .png.
+
+`--py-spy` also samples the API's stacks during the last /recommend round (py-spy, 200 Hz,
+`--nonblocking`: it does not stop the process) into api-profile.txt (collapsed stacks) and
+prints the functions that took the most of the sampled CPU, inclusive of what they call.
 """
 
 from __future__ import annotations
@@ -94,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis", default=os.environ.get("FRESHREC_REDIS_URL",
                                                       "redis://127.0.0.1:6379/0"))
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    ap.add_argument("--py-spy", action="store_true",
+                    help="sample the API's stacks during the last /recommend round")
     args = ap.parse_args(argv)
+    spy_bin = Path(sys.executable).parent / "py-spy"
+    if args.py_spy and not spy_bin.exists():
+        raise SystemExit(f"--py-spy needs {spy_bin}: pip install py-spy")
     if shutil.which("hey") is None:
         raise SystemExit("needs hey: apt-get install -y hey")
     from freshrec.services import free_port
@@ -128,13 +137,23 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"the API did not serve a version; see {tmp / 'api.log'}")
             time.sleep(0.5)
         hey(base + ROUTES["/recommend"], args.rate, 2, args.connections)  # warm up
-        for _ in range(args.rounds):
+        args.out.mkdir(parents=True, exist_ok=True)
+        for round_ in range(args.rounds):
             for route, path in ROUTES.items():
+                spy = None
+                if args.py_spy and route == "/recommend" and round_ == args.rounds - 1:
+                    spy = subprocess.Popen(
+                        [str(spy_bin), "record", "--nonblocking", "--function", "--rate", "200", "--format",
+                         "raw", "--duration", str(int(args.seconds)), "--pid", str(api.pid),
+                         "--output", str(args.out / "api-profile.txt")],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 c0 = cpu_seconds(api.pid)
                 got = hey(base + path, args.rate, args.seconds, args.connections)
                 got["cpu_ms"] = 1e3 * (cpu_seconds(api.pid) - c0) / max(1, got["ok"])
                 got["rps"] = got["ok"] / args.seconds
                 raw[route].append(got)
+                if spy is not None:
+                    spy.wait(timeout=60)
     finally:
         api.terminate()
         api.wait(timeout=30)
@@ -151,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     for route, s in summary.items():
         print(f"{route:<12}{s['cpu_ms']:>12.2f}{s['rps']:>8.0f}{s['p50_ms']:>9.1f}"
               f"{s['p99_ms']:>9.1f}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.py_spy and (args.out / "api-profile.txt").exists():
+        print(f"\nwhere /recommend's sampled CPU went (inclusive), {args.out / 'api-profile.txt'}")
+        for name, share in hottest(args.out / "api-profile.txt", 30):
+            print(f"{100 * share:6.1f}%  {name}")
     (args.out / "api_cpu.json").write_text(json.dumps({
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                    if k != "redis"},
@@ -161,6 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     plot(summary, args.out / "api_cpu.png")
     print(f"wrote {args.out / 'api_cpu.json'} and {args.out / 'api_cpu.png'}")
     return 0
+
+
+def hottest(collapsed: Path, top: int) -> list[tuple[str, float]]:
+    """The `top` functions of a py-spy collapsed-stack file by their inclusive share of the
+    samples (a function counted once per sample however deep it recurs)."""
+    total, inclusive = 0, {}
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        total += int(count)
+        for frame in set(stack.split(";")):
+            inclusive[frame] = inclusive.get(frame, 0) + int(count)
+    ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
+    return [(frame, n / max(1, total)) for frame, n in ranked]
 
 
 def plot(summary: dict[str, dict[str, float]], path: Path) -> None:

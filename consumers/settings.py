@@ -31,7 +31,9 @@ class TrainerSettings(CommonSettings):
     # defaults are model.batching's, which the quality benchmark simulates with --rate
     batch_max_events: int = BatchPolicy.max_events
     batch_window_ms: int = round(1000 * BatchPolicy.window_s)
-    publish_interval_ms: int = 250  # at most one published version per interval
+    # at most one published version per interval; stretched while the trainer is behind the
+    # stream (model.batching.publish_due)
+    publish_interval_ms: int = 250
     # a checkpoint beside the delta at most every N versions, once the deltas since the last
     # one add up to its size (Trainer._full_due)
     full_every: int = 10

@@ -69,6 +69,7 @@ class Trainer:
         self.unpublished_events = 0
         self.produce_ts: list[float] = []  # produce times of the unpublished events
         self.newest_event_ts = 0.0
+        self.behind_s = 0.0  # the newest polled event's age (publish_due stretches on it)
         self.last_publish = 0.0
         self.parent: Manifest | None = None  # the version the learner's weights extend
         self.since_full = 0  # versions since the last full snapshot or checkpoint
@@ -181,6 +182,7 @@ class Trainer:
         an empty poll after an error loses nothing, and its offsets are never committed early.
         """
         self.batcher.add(polled.interactions, now)
+        self.behind_s = behind(polled, time.time())
         self.pending_offsets.update(polled.offsets)
         self.pending_items.extend(item for _, item in polled.items)
         if polled.interactions and not self.rate_marks:
@@ -204,7 +206,7 @@ class Trainer:
         # A refusal is carried by the next version; when no event comes to make one (the
         # stream went quiet), that version holds the rolled-back weights, only to record it.
         if (self.unpublished_events or self.refused) and publish_due(
-                now, self.last_publish, self.s.publish_interval_ms):
+                now, self.last_publish, self.s.publish_interval_ms, self.behind_s):
             return self.publish(now)
         return {}
 
@@ -369,6 +371,15 @@ class Trainer:
         self.learned_span = {}
         self.produce_ts = []
         self.last_publish = now
+
+
+def behind(polled: Polled, now: float) -> float:
+    """Seconds since the newest interaction of `polled` was produced (its Kafka timestamp; `now`
+    is the wall clock): how far behind the stream the trainer reads. 0 for an empty poll (it
+    caught up) or records without a timestamp. Producer and trainer clocks are assumed in
+    step, as for the freshness metric."""
+    newest = max((src.timestamp_ms for src, _ in polled.interactions), default=0)
+    return max(0.0, now - newest / 1000) if newest > 0 else 0.0
 
 
 def build_encoder(settings: TrainerSettings) -> TextEncoder:

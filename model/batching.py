@@ -96,10 +96,24 @@ class MicroBatcher(Generic[T]):
         return out
 
 
-def publish_due(now: float, last_publish: float, interval_ms: float) -> bool:
+# A trainer behind by L seconds publishes at most every L / BACKLOG_STRETCH seconds, and at most
+# BACKLOG_STRETCH intervals apart (see `publish_due`)
+BACKLOG_STRETCH = 4
+
+
+def publish_due(now: float, last_publish: float, interval_ms: float, behind_s: float = 0.0
+                ) -> bool:
     """Whether `interval_ms` has passed since the last publish (or refusal). The trainer asks
-    after every poll, if it learned anything since; the benchmark after every simulated one."""
-    return (now - last_publish) * 1000 >= interval_ms
+    after every poll, if it learned anything since; the benchmark after every simulated one.
+
+    `behind_s`: how long ago the newest event the trainer polled was produced. While it is
+    behind (a burst, a restart's backlog) the interval stretches to a quarter of that, at most
+    4x: a version then waits at most a quarter of the delay its events already carry, and the
+    gating and publishing of versions stale anyway (a fifth of the trainer's time at 4 versions
+    a second) goes to catching up. Caught up (behind less than 4 intervals), nothing changes."""
+    interval = max(interval_ms, min(BACKLOG_STRETCH * interval_ms,
+                                    1000 * behind_s / BACKLOG_STRETCH))
+    return (now - last_publish) * 1000 >= interval
 
 
 def arrival_polls(records: Sequence[T], rate: float, policy: BatchPolicy

@@ -68,6 +68,15 @@ def test_publish_due_after_the_interval() -> None:
     assert publish_due(1.25, 1.0, 250) and publish_due(5.0, 1.0, 0)
 
 
+def test_a_trainer_behind_the_stream_publishes_less_often_up_to_four_intervals() -> None:
+    """Caught up (behind < 4 intervals) the interval holds; behind by L seconds it stretches to
+    L / 4, and never past 4 intervals (1 s at the default 250 ms)."""
+    assert publish_due(1.25, 1.0, 250, behind_s=0.9)
+    assert not publish_due(1.4, 1.0, 250, behind_s=2.0) and publish_due(1.5, 1.0, 250, behind_s=2.0)
+    assert not publish_due(1.99, 1.0, 250, behind_s=60.0) and publish_due(2.0, 1.0, 250, behind_s=60.0)
+    assert publish_due(1.0, 1.0, 0, behind_s=60.0)  # "publish after every poll" stays that
+
+
 def test_policy_errors_are_sentences() -> None:
     with pytest.raises(ValueError, match="max_events"):
         BatchPolicy(max_events=0)

@@ -71,6 +71,31 @@ def test_a_redis_error_mid_poll_loses_nothing(redis_url, namespace, tiny_encoder
     assert set(ITEMS[i].item_id for i in range(30)) <= set(trainer.learner.item_ids)
 
 
+def test_a_trainer_reading_a_backlog_publishes_less_often_and_learns_the_same_events(
+        redis_url, namespace, tiny_encoder) -> None:
+    """Polls of events produced seconds ago (a burst it is behind on) stretch the publish
+    interval (`model.batching.publish_due`); events produced just now keep it. Both trainers
+    learn every event, and the backlogged one commits them all with its fewer versions."""
+    published = {}
+    for age_s in (0.0, 30.0):
+        trainer = make_trainer(redis_url, f"{namespace}-{age_s:.0f}", tiny_encoder,
+                               batch_window_ms=0, batch_max_events=16, publish_interval_ms=100)
+        trainer.add_items(ITEMS)
+        committed = 0
+        for step in range(40):  # a poll of 16 events every 50 ms of the trainer's clock
+            polled = poll(events(16, 16 * step), 16 * step)
+            produced = int(1000 * (time.time() - age_s))
+            polled.interactions = [(dataclasses.replace(src, timestamp_ms=produced), e)
+                                   for src, e in polled.interactions]
+            committed = trainer.on_poll(polled, now=0.05 * step).get(
+                TopicPartition(TOPIC, 0), committed)
+        committed = trainer.on_poll(Polled(), now=10.0).get(TopicPartition(TOPIC, 0), committed)
+        assert trainer.events_total == 640 and committed == 640
+        published[age_s] = trainer.published
+    assert published[0.0] >= 15, published  # one every 100 ms over 2 s
+    assert published[30.0] <= published[0.0] // 3, published  # one every 400 ms (4 intervals)
+
+
 def test_offsets_wait_for_the_version_that_includes_them(redis_url, namespace,
                                                          tiny_encoder) -> None:
     trainer = make_trainer(redis_url, namespace, tiny_encoder, batch_window_ms=1000,
