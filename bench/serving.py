@@ -349,6 +349,17 @@ class CpuSampler(threading.Thread):
                 out[key] = out.get(key, 0.0) + seconds
         return out
 
+    def cores(self) -> dict[str, float]:
+        """Mean cores each process (threads summed) used over the samples, most first."""
+        if len(self.samples) < 2:
+            return {}
+        span = self.samples[-1][0] - self.samples[0][0] + self.every
+        used: dict[str, float] = {}
+        for _, sample in self.samples:
+            for key, seconds in sample.items():
+                used[key.split("/")[0]] = used.get(key.split("/")[0], 0.0) + seconds
+        return {k: round(v / span, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1])}
+
     def run(self) -> None:
         last = self._read()
         while not self.stop.wait(self.every):
@@ -558,8 +569,11 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         # own counter; also once the producer is done (the rest of the backlog): on two cores
         # the benchmark's own producer takes a large share of the CPU while it runs
         intake = drain = float("nan")
+        intake_cpu: dict[str, float] = {}
         e0 = trained()
         if e0 is not None:
+            burst_cpu = CpuSampler(dict(sampler.pids))
+            burst_cpu.start()
             burst = Producer(env["FRESHREC_KAFKA_BOOTSTRAP"], "freshrec.interactions", n, 0,
                              args.burst)
             b0 = time.monotonic()
@@ -576,6 +590,9 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
                     break
                 time.sleep(0.2)
             end = time.monotonic()
+            burst_cpu.stop.set()
+            burst_cpu.join()
+            intake_cpu = burst_cpu.cores()
             intake = done / (end - b0)
             if produced_at is not None and done - produced_at[1] >= args.burst / 5:
                 drain = (done - produced_at[1]) / (end - produced_at[0])
@@ -622,6 +639,9 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
             "trainer_events_per_s": intake, "trainer_drain_events_per_s": drain, "max_rps": closed["rps"],
             "closed_errors": closed["errors"], "api_rss_mb": rss, "ready_s": ready_s,
             "trainer_exit": trainer_exit, "served_retrieval": served,
+            # mean cores per process (threads summed, /proc): in the open loop, and while the
+            # trainer took in the burst
+            "cpu_cores": {"open_loop": sampler.cores(), "intake": intake_cpu},
             "served_recall": served_recall(recall0, recall1),
             "timeline": [(r[0] - results[0][0], r[1], r[3]) for r in results[::5]]}
 
@@ -775,11 +795,19 @@ def report(runs: list[dict], out: Path, args: argparse.Namespace) -> None:
                  ">= 1.0x floor"),
                 ("API RSS (MB)", f"{run['api_rss_mb']:.0f}", f"{run['floor_rss_mb']:.0f}", "-"),
                 ("recall@10 served (queries measured)", f"{_num(run.get('recall@10'))} "
-                 f"({run.get('served_recall', {}).get('queries', 0)})", "1", ">= 0.95")]
+                 f"({run.get('served_recall', {}).get('queries', 0)})", "1", ">= 0.95"),
+                *((f"cores in use, {phase.replace('_', ' ')}", _cores(used), "-", "of 2")
+                  for phase, used in run.get("cpu_cores", {}).items() if used)]
         print(f"\n{run['items']:,} items ({run['retrieval']}, {run['dtype']})")
         print(f"{'what':<42}{'freshrec':>20}{'floor':>20}   goal")
         for what, got, floor, goal in rows:
             print(f"{what:<42}{got:>20}{floor:>20}   {goal}")
+
+
+def _cores(used: dict[str, float]) -> str:
+    """'1.36: api 0.55, trainer 0.33, ...' (the four largest)."""
+    top = ", ".join(f"{k} {v:.2f}" for k, v in list(used.items())[:4])
+    return f"{sum(used.values()):.2f}: {top}"
 
 
 def _pair(q: dict | None) -> str:
