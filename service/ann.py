@@ -76,6 +76,7 @@ class AnnIndex:
         self.equal_norms = equal_norms
         self.cap = 0.0
         self.over_cap = 0
+        self._centroids: torch.Tensor | None = None  # (nlist, w) the lists' fixed centroids
 
     # ------------------------------------------------------------------ building
     @torch.no_grad()
@@ -102,6 +103,7 @@ class AnnIndex:
             self.index, self.size, self.nlist = index, n, nlist
             self.index.nprobe = self.nprobe or max(1, nlist // 8)
         self.quantizer = quantizer  # faiss keeps a raw pointer: keep the Python object alive
+        self._centroids = torch.from_numpy(quantizer.reconstruct_n(0, nlist))
 
     @torch.no_grad()
     def tune(self, scorer: Scorer, queries: torch.Tensor, k: int = 10) -> float:
@@ -210,15 +212,16 @@ class AnnIndex:
         """Write `scorer`'s rows `rows` (k,) (changed ones and every appended one) in place."""
         if self.index is None:
             return
+        self._faiss.omp_set_num_threads(1)  # this thread's faiss calls: one core (`ExactScan`)
         rows = rows.to(torch.long)
         old = rows[rows < self.size]
         x_new = self._stored(_rows(scorer, self.size, len(scorer)))
         x_old = self._stored(_take(scorer, old))
         ids = np.ascontiguousarray(old.numpy(), dtype=np.int64)
         if len(ids):  # What `update_vectors` does, with its costly part (finding each row's
-            # list: ~6 ms for 300 rows at 100k items) before the lock: searches only read the
-            # centroids. Under it faiss moves the rows' codes (an IVFFlat code is the row).
-            lists = np.ascontiguousarray(self.quantizer.assign(x_old, 1).ravel(), np.int64)
+            # list) before the lock: searches only read the centroids. Under it faiss moves
+            # the rows' codes (an IVFFlat code is the row).
+            lists = self._assign(x_old)
             codes = np.ascontiguousarray(x_old, dtype=np.float32).view(np.uint8)
         swig_ptr = self._faiss.swig_ptr
         with self.lock:
@@ -228,6 +231,15 @@ class AnnIndex:
             if len(x_new):
                 self.index.add(x_new)
             self.size = len(scorer)
+
+    def _assign(self, x: np.ndarray) -> np.ndarray:
+        """(m,) each row's list: its nearest centroid by inner product, as the quantizer assigns
+        it, by torch's matrix product: the faiss-cpu wheel's own took 2.2-2.8x as long here
+        (4,000 rows against 1,264 centroids: 76 vs 34 ms, one thread; against 4,000: 239 vs
+        120 ms), the largest part of a swap at 100k items (bench/RESULTS.md, "Issue 8, session
+        13"). A near-tie may land a row in the other list: probing order only; scores are exact."""
+        assert self._centroids is not None
+        return (torch.from_numpy(x) @ self._centroids.T).argmax(dim=1).numpy().astype(np.int64)
 
     def _stored(self, x: np.ndarray) -> np.ndarray:
         """Rows (m, w) as the index stores them: with `equal_norms`, one more column that
