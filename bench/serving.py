@@ -593,6 +593,7 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
             burst_cpu.stop.set()
             burst_cpu.join()
             intake_cpu = burst_cpu.cores()
+            (logs / f"cpu-intake-{n}.json").write_text(json.dumps(burst_cpu.samples))
             intake = done / (end - b0)
             if produced_at is not None:  # the burst's own pace: the intake cannot outrun it
                 produce_rate = args.burst / (produced_at[0] - b0)
