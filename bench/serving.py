@@ -303,15 +303,12 @@ def closed_loop(base: str, seconds: float, connections: int, out: Path) -> dict[
 def nicer(pid: int, nice: int) -> None:
     """Lower every thread of process `pid` `nice` steps (Linux keeps a nice value per thread;
     threads it starts later inherit their creator's)."""
+    from protocol.runtime import lower_priority
+
     if not nice:
         return
     for task in Path(f"/proc/{pid}/task").iterdir():
-        tid = int(task.name)
-        try:
-            now = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + nice))
-        except OSError:
-            pass  # the thread ended
+        lower_priority(int(task.name), nice)  # False: the thread ended
 
 
 def task_cpu(stat: str) -> tuple[str, float]:

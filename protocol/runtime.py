@@ -46,13 +46,17 @@ def background_priority(nice: int = BACKGROUND_NICE) -> bool:
     bench/RESULTS.md, "Issue 8, session 11"); use `run_nicer` for such a part of a longer job.
     Linux keeps a nice value per thread, so `setpriority` on the thread's own id touches no
     other thread, and an unprivileged thread cannot undo it. Returns whether it was lowered."""
+    return lower_priority(threading.get_native_id(), nice)
+
+
+def lower_priority(tid: int, nice: int) -> bool:
+    """Make thread (or process) `tid` `nice` steps nicer, at most 19; whether it could."""
     if not hasattr(os, "setpriority"):
         return False
     try:
-        tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except OSError:
-        return False
+        return False  # not ours, or it ended
     return True
 
 

@@ -61,6 +61,33 @@ def test_background_priority_lowers_only_the_calling_thread() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux's")
+def test_the_benchmark_lowers_every_thread_of_a_process() -> None:
+    """`bench.serving --nice` lowers each thread of another process (Linux keeps a nice value
+    per thread: lowering the process id alone leaves its other threads as they were)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bench.serving import nicer
+
+    child = subprocess.Popen([sys.executable, "-c", "import threading, time\n"
+                              "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+                              "print('up', flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "up\n"
+        tids = [int(t.name) for t in Path(f"/proc/{child.pid}/task").iterdir()]
+        before = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in tids}
+        nicer(child.pid, 3)
+        assert len(tids) >= 2
+        assert {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in tids} == \
+            {tid: min(19, nice + 3) for tid, nice in before.items()}
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are Linux's")
 def test_threads_that_run_python_code_run_at_the_request_threads_priority(
         redis_url: str, namespace: str, tiny_encoder_path: str) -> None:
     """A niced thread that holds the GIL is preempted holding it, and the request threads wait
