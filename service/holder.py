@@ -85,6 +85,7 @@ class ModelHolder:
         self._scan: Any = None  # service.ann.ExactScan once made; False: faiss is missing
         self._ann_refused = 0  # catalog size at which the index was measured slower than exact
         self._ann_retry_at = 0.0  # monotonic time from which a refused index is tried again
+        self._ann_refusals = 0  # indexes refused in a row (the retry backs off)
         self._ann_started = 0.0  # monotonic time the newest index build started
         self.ann_builds = 0  # index builds finished (attached or refused)
         self.ann_checks = 0  # times the served index was measured still fit, so not rebuilt
@@ -373,9 +374,17 @@ class ModelHolder:
             return
         self._ann_misfit = False
         self.ann_builds += 1
-        if job.refused_at:  # exact from now on; tried again in rebuild_s or at twice the size
+        if job.refused_at:  # exact from now on; tried again soon, or at twice the size
+            # At a fresh start the first index is built on an untrained model, whose vectors
+            # do not cluster yet (1M items: nprobe 720 of 4,000 for its recall, 1.3x the exact
+            # scan, refused), and minutes of learning later they do. Exact top-k over 1M items
+            # holds ~40 req/s here, so the next try comes after twice the build's time (a
+            # third of a niced core at most), doubling with each refusal up to rebuild_s: a
+            # catalog that never clusters soon costs no more than it did.
+            self._ann_refusals += 1
             self._ann_refused = job.refused_at
-            self._ann_retry_at = time.monotonic() + job.rebuild_s
+            self._ann_retry_at = time.monotonic() + min(
+                job.rebuild_s, job.took_s * 2 ** self._ann_refusals)
             if self.ann and cur is not None and cur.ann is self.ann:
                 cur.ann = None
                 self._with_scan(cur)
@@ -393,6 +402,7 @@ class ModelHolder:
             self.recall_monitor.reset()  # the window measures this index
             job.index.on_query = self.recall_monitor.offer
         self.ann, self._ann_follows, self._ann_refused = job.index, weakref.ref(cur), 0
+        self._ann_refusals = 0
         cur.ann = job.index  # requests that read the Scorer from now on use the index
         log.info("ANN index attached to version %s (%s rows written since its build)",
                  self.current.version, len(rows))
@@ -641,6 +651,7 @@ class _AnnBuild:
         self.check = served is not None  # measure `served`, build nothing
         self.kept = False
         self.refused_at = 0  # the catalog size at which the index was slower than exact
+        self.took_s = 0.0  # how long the build and its tuning took
         self.valid = True
         self.rebuild_s = want.rebuild_s
         self.backlog: list[torch.Tensor] = []
@@ -695,13 +706,14 @@ class _AnnBuild:
                 queries = _sampled_users(scorer, 200, seed=0)
             if not want.nprobe:
                 index.tune(scorer, queries)
+            self.took_s = time.monotonic() - t0
             log.info("ANN index over %s items built in %.1f s (nlist %s, nprobe %s, recall@10 "
                      "%.3f on %s queries, %.1fx the exact scan's speed)", len(scorer),
-                     time.monotonic() - t0, index.nlist, index.nprobe,
+                     self.took_s, index.nlist, index.nprobe,
                      index.recall or float("nan"), len(queries), index.speedup or float("nan"))
             if index.speedup is not None and index.speedup < want.min_speedup:
                 # the catalog's vectors do not cluster enough for this recall (i.i.d. random
-                # text, say): serve exact, and try again once the catalog has doubled
+                # text, or an untrained model): serve exact, try again later (`_adopt_ann`)
                 log.warning("the ANN index is not faster than the exact scan at recall %.3f; "
                             "serving exact top-k", index.recall or float("nan"))
                 self.refused_at = len(scorer)

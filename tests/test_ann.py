@@ -264,6 +264,37 @@ def test_the_index_is_rebuilt_from_a_later_version_and_a_refused_one_is_tried_ag
     assert fourth.ann is third.ann
 
 
+def test_a_refused_index_is_tried_again_after_twice_its_build_time_backing_off() -> None:
+    """An index refused as no faster than the exact scan (at a fresh start: one built on an
+    untrained model) is tried again after twice its build's time, not after `rebuild_s` (exact
+    top-k over 1M items holds ~40 req/s); each refusal in a row doubles the wait, at most
+    `rebuild_s`, and an index attached starts the count again."""
+    import time
+
+    ids, text, table = catalog()
+    scorer = Scorer(tower(), text, ids, ids=table)
+    holder = retrieval_only(AnnSettings(min_items=1000, scan_min_items=0, min_speedup=1e9,
+                                        rebuild_s=3600.0))
+    for version, factor in ((1, 2), (2, 4)):
+        holder.current = Snapshot(version, None, holder._with_ann(scorer), {})
+        job = holder._ann_job
+        assert job is not None and not job.check
+        job.thread.join()
+        holder._adopt_ann()
+        wait = holder._ann_retry_at - time.monotonic()
+        assert holder._ann_refused == N and job.took_s > 0
+        assert factor * job.took_s - 1.0 < wait <= factor * job.took_s, (version, wait)
+        assert holder._with_ann(scorer).ann is None and holder._ann_job is None  # exact meanwhile
+        time.sleep(wait)
+    holder.ann_settings = AnnSettings(min_items=1000, scan_min_items=0, min_speedup=0.0,
+                                      rebuild_s=3600.0, recall=0.5)
+    holder.current = Snapshot(3, None, holder._with_ann(scorer), {})
+    assert holder._ann_job is not None
+    holder._ann_job.thread.join()
+    holder._adopt_ann()
+    assert isinstance(scorer.ann, AnnIndex) and holder._ann_refusals == 0
+
+
 def test_an_index_below_its_recall_searches_more_lists_before_it_is_rebuilt() -> None:
     """As the model learns, rows move and the lists do not: the periodic check first searches
     more lists (up to 1/FIT_LISTS of them) and keeps the index if that reaches the target;
