@@ -482,7 +482,8 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
         warm.start()
         # until a version over the whole catalog is served and, above --ann-min-items, the ANN
         # index has been built twice (the first one on the first, barely trained version; the
-        # next one --ann-rebuild-s later) and is attached or refused
+        # next one twice its build's time or --ann-rebuild-s later, whichever comes first) and
+        # is attached or refused
         builds = 2 if args.ann_min_items and n >= args.ann_min_items else 0
         while True:
             try:
