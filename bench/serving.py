@@ -636,7 +636,8 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
                 "p99": q(swap, "freshrec_swap_delay_seconds", 0.99, 1e3)},
             "swap_ms_histogram": {"p50": q(swap, "freshrec_swap_delay_seconds", 0.5, 1e3),
                                   "p99": q(swap, "freshrec_swap_delay_seconds", 0.99, 1e3)},
-            "swap_parts_ms": {k: v for k, v in parts.items() if k != "delay"},
+            "swap_parts_ms": {k: v for k, v in parts.items() if k not in ("delay", "rows")},
+            "swap_rows": parts.get("rows"),  # item rows a swap wrote (its build, its index)
             "trainer_events_per_s": intake, "trainer_drain_events_per_s": drain,
             "burst_produced_events_per_s": produce_rate, "max_rps": closed["rps"],
             "closed_errors": closed["errors"], "api_rss_mb": rss, "ready_s": ready_s,
@@ -649,13 +650,14 @@ def run_freshrec(n: int, args: argparse.Namespace, logs: Path) -> dict:
 
 
 SWAP_LINE = re.compile(r"^(\S+ \S+) freshrec\.service serving version (\d+), ([\d.]+) ms after "
-                       r"it was stored \((.*) ms\)$")
+                       r"it was stored \((.*) ms; (?:(\d+) rows|full build)\)$")
 
 
 def swap_log(path: Path, start: float, end: float) -> list[dict[str, float]]:
     """The API's swaps between wall-clock times `start` and `end`, from its INFO log (exact,
     where the histogram only tells the bucket): the delay from the store and its parts (ms):
-    before the loader read the pointer, its checks up to loading, load, build, index."""
+    before the loader read the pointer, its checks up to loading, load, build, index; and
+    the item rows it wrote (`rows`; absent for a full build)."""
     swaps = []
     for line in path.read_text(errors="replace").splitlines():
         m = SWAP_LINE.match(line)
@@ -664,7 +666,8 @@ def swap_log(path: Path, start: float, end: float) -> list[dict[str, float]]:
         at = datetime.datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
         if start <= at <= end:
             parts = dict(part.rsplit(" ", 1) for part in m[4].split(", ") if " " in part)
-            swaps.append({"delay": float(m[3]), **{k: float(v) for k, v in parts.items()}})
+            swaps.append({"delay": float(m[3]), **{k: float(v) for k, v in parts.items()},
+                          **({"rows": float(m[5])} if m[5] is not None else {})})
     return swaps
 
 
@@ -789,6 +792,7 @@ def report(runs: list[dict], out: Path, args: argparse.Namespace) -> None:
                  f"{run['swap_ms']['p99']:.0f}", "-", "<= 50 (100k), 100 (1M)"),
                 *((f"  {part} p50 / p99 (ms)", _pair(q), "-", "")
                   for part, q in run.get("swap_parts_ms", {}).items()),
+                ("  item rows written p50 / p99", _pair(run.get("swap_rows")), "-", ""),
                 ("trainer intake (events/s)", f"{run['trainer_events_per_s']:,.0f}", "-",
                  ">= 5,000"),
                 ("  the backlog once produced (events/s)",

@@ -278,7 +278,7 @@ class ModelHolder:
             self._build_seconds[kind] = 0.7 * self._build_seconds[kind] + \
                 0.3 * (time.monotonic() - t0)
             self._last_swap = time.monotonic()
-            self._swap(Snapshot(target, loaded, scorer, self._catalog_view()),
+            self._swap(Snapshot(target, loaded, scorer, self._catalog_view()), scorer.changed,
                        check_s=t0 - read_at, load_s=t1 - t0, build_s=t2 - t1, index_s=self._last_swap - t2)
         elif catalog_changed and cur.loaded is not None:
             unchanged = torch.zeros(0, dtype=torch.long)  # same weights: only the catalog moved
@@ -488,9 +488,11 @@ class ModelHolder:
         log.error("version %s failed to build (%s: %s); still serving %s, next try in %.0f s",
                   target, type(exc).__name__, exc, serving, pause)
 
-    def _swap(self, snap: Snapshot, **took: float) -> None:
+    def _swap(self, snap: Snapshot, rows: torch.Tensor | None = None, **took: float) -> None:
         """Serve `snap`; `took` times the parts of the round that built it (seconds), logged
-        with the version's delay: where the time from the store to serving went."""
+        with the version's delay: where the time from the store to serving went, and how many
+        item rows it wrote (`rows`, None: built in full), which the build and index parts of
+        a linear tower cost in proportion to."""
         self.current = snap  # one reference assignment: atomic for every reader
         self.swaps += 1
         metrics.SWAPS.inc()
@@ -504,8 +506,8 @@ class ModelHolder:
         if took:  # before the loader read the pointer: the notice, the loader busy or pausing
             took = {"before_s": max(0.0, delay - sum(took.values())), **took}
         parts = ", ".join(f"{name[:-2]} {1e3 * s:.1f}" for name, s in took.items())
-        log.info("serving version %s, %.1f ms after it was stored (%s ms)", snap.version,
-                 1e3 * delay, parts or "-")
+        log.info("serving version %s, %.1f ms after it was stored (%s ms; %s)", snap.version,
+                 1e3 * delay, parts or "-", "full build" if rows is None else f"{len(rows)} rows")
 
     def _pull_catalog(self) -> bool:
         changed = self._adopt_shared_features()

@@ -149,9 +149,14 @@ def test_each_swap_logs_its_delay_and_parts_as_the_serving_bench_reads_them(
     swaps = swap_log(log_file, t0 - 1, t1 + 1)
     assert len(swaps) == 2, log_file.read_text()
     for swap in swaps:
-        assert set(swap) == {"delay", "before", "check", "load", "build", "index"}
+        assert set(swap) - {"rows"} == {"delay", "before", "check", "load", "build", "index"}
         assert swap["delay"] >= 0 and all(v >= 0 for v in swap.values())
         # the parts add up to the delay (each is rounded to 0.1 ms in the line)
-        assert abs(sum(v for k, v in swap.items() if k != "delay") - swap["delay"]) < 0.5
+        assert abs(sum(v for k, v in swap.items() if k not in ("delay", "rows")) -
+                   swap["delay"]) < 0.5
+    # these versions are built in full; one built from the served Scorer names the rows it wrote
+    assert all("rows" not in swap for swap in swaps) and "; full build)" in log_file.read_text()
+    log_file.write_text(log_file.read_text().replace("; full build)", "; 12 rows)"))
+    assert [swap["rows"] for swap in swap_log(log_file, t0 - 1, t1 + 1)] == [12.0, 12.0]
     assert swap_log(log_file, t1 + 5, t1 + 10) == []  # outside the window
     assert swap_quantiles(swaps)["delay"]["p50"] >= 0
