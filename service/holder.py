@@ -379,7 +379,7 @@ class ModelHolder:
             # do not cluster yet (1M items: nprobe 720 of 4,000 for its recall, 1.3x the exact
             # scan, refused), and minutes of learning later they do. Exact top-k over 1M items
             # holds ~40 req/s here, so the next try comes after twice the build's time (a
-            # third of a niced core at most), doubling with each refusal up to rebuild_s: a
+            # third of a core at most), doubling with each refusal up to rebuild_s: a
             # catalog that never clusters soon costs no more than it did.
             self._ann_refusals += 1
             self._ann_refused = job.refused_at

@@ -297,7 +297,8 @@ def static_asset(name: str) -> FileResponse:
 async def healthz(holder: HolderDep, settings: SettingsDep, response: Response) -> dict[str, str]:
     """The process is alive and its model loader is not stuck (a liveness check).
     On the event loop, as /readyz: both read a few attributes, and a loop too busy to answer
-    is what a liveness probe should see (a thread-pool hop cost ~0.75 ms of CPU a call)."""
+    is what a liveness probe should see (via the thread pool each call cost the API ~0.35 ms of
+    CPU on an AMD EPYC, on the loop ~0.19: bench/RESULTS.md, "Issue 8, session 14")."""
     problem = holder.problem(settings.loader_stuck_s)
     if problem is not None:
         response.status_code = 503
